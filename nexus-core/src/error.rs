@@ -1,0 +1,193 @@
+//! The one error type of Nexus (DESIGN.md §3), shaped after OpenDAL's: a kind, whether
+//! retrying may help, the operation, key–value context and a source.
+//!
+//! Secrets never go into an error: callers put names in the context, never values.
+
+use std::fmt;
+
+/// What went wrong, as a caller needs to know it to decide what to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The configuration is wrong; fix it and try again.
+    InvalidConfig,
+    /// Something named does not exist (a run, a step, a file, a remote object).
+    NotFound,
+    /// Credentials are missing or refused.
+    PermissionDenied,
+    /// An operation took longer than allowed.
+    Timeout,
+    /// A service or daemon cannot be reached or is overloaded.
+    Unavailable,
+    /// The component does not support this operation.
+    Unsupported,
+    /// The operation was cancelled.
+    Cancelled,
+    /// The operation conflicts with the current state (a lock held, a run finished).
+    Conflict,
+    /// A bug or an unexpected state inside Nexus or a component.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Short stable name, used in JSON output and across the plugin boundary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// Whether errors of this kind are usually temporary.
+    pub fn default_retryable(self) -> bool {
+        matches!(self, ErrorKind::Timeout | ErrorKind::Unavailable)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error of every fallible operation in Nexus.
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    retryable: bool,
+    operation: &'static str,
+    context: Vec<(&'static str, String)>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error; `message` says what went wrong and, where possible, what to do.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            retryable: kind.default_retryable(),
+            operation: "",
+            context: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// Names the operation that failed (`load`, `runner.run`, `notify.send`…).
+    pub fn with_operation(mut self, operation: &'static str) -> Self {
+        self.operation = operation;
+        self
+    }
+
+    /// Adds a key–value pair of context (a name, a path, a host; never a secret).
+    pub fn with_context(mut self, key: &'static str, value: impl fmt::Display) -> Self {
+        self.context.push((key, value.to_string()));
+        self
+    }
+
+    /// Attaches the underlying error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Overrides whether retrying may help.
+    pub fn set_retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Whether retrying the operation may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The operation that failed, if named.
+    pub fn operation(&self) -> &'static str {
+        self.operation
+    }
+
+    /// The message, without context.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The key–value context.
+    pub fn context(&self) -> &[(&'static str, String)] {
+        &self.context
+    }
+}
+
+impl fmt::Display for Error {
+    /// One line: `kind (operation, key: value, …): message: source`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind)?;
+        let mut extra = Vec::new();
+        if !self.operation.is_empty() {
+            extra.push(format!("operation: {}", self.operation));
+        }
+        extra.extend(self.context.iter().map(|(k, v)| format!("{k}: {v}")));
+        if !extra.is_empty() {
+            write!(f, " ({})", extra.join(", "))?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    /// Several lines, for logs and `{:?}` in tests.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} => {}", self.kind, self.message)?;
+        if !self.operation.is_empty() {
+            writeln!(f, "    operation: {}", self.operation)?;
+        }
+        writeln!(f, "    retryable: {}", self.retryable)?;
+        for (k, v) in &self.context {
+            writeln!(f, "    {k}: {v}")?;
+        }
+        if let Some(source) = &self.source {
+            writeln!(f, "    source: {source:?}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_is_one_line_with_context() {
+        let err = Error::new(ErrorKind::NotFound, "no such run")
+            .with_operation("show")
+            .with_context("run", "r-42");
+        assert_eq!(err.to_string(), "not_found (operation: show, run: r-42): no such run");
+        assert!(!err.is_retryable());
+        assert!(Error::new(ErrorKind::Unavailable, "down").is_retryable());
+    }
+}

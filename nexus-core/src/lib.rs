@@ -1,0 +1,14 @@
+//! Nexus core: the model of the five registries, their loading and validation, the
+//! extension traits and the catalog of component kinds.
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod error;
+pub mod model;
+pub mod suggest;
+pub mod traits;
+pub mod yaml;
+
+pub use catalog::{Catalog, ComponentKind, Family, KindDescriptor, SpecIssue};
+pub use error::{Error, ErrorKind, Result};
+pub use model::Ssot;

@@ -1,0 +1,312 @@
+//! The four extension traits (DESIGN.md §3) and the values that cross them.
+//!
+//! Arguments and results that may grow are `#[non_exhaustive]` structs with
+//! constructors, so adding a field never breaks an implementation or a plugin.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::model::{Map, Severity};
+
+/// What an attempt executes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Program {
+    /// A script (one command line or many lines) given to a shell as `SHELL -c SCRIPT`.
+    Shell {
+        /// The shell (`sh`, `bash`…).
+        shell: String,
+        /// The script.
+        script: String,
+    },
+    /// A program and its arguments, without a shell.
+    Argv(Vec<String>),
+}
+
+/// A secret value: its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    /// Wraps a resolved secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        SecretValue(value.into())
+    }
+    /// The value, for the one place that injects it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue(***)")
+    }
+}
+
+/// One attempt of one step, fully resolved, handed to a [`Runner`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Task {
+    /// The run this attempt belongs to.
+    pub run_id: String,
+    /// The step (with its matrix suffix, if any).
+    pub step_id: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// What to execute.
+    pub program: Program,
+    /// Container image, for runners that run containers.
+    pub image: Option<String>,
+    /// Environment variables (secrets excluded).
+    pub env: Vec<(String, String)>,
+    /// Secrets to inject as environment variables.
+    pub secrets: Vec<(String, SecretValue)>,
+    /// Working directory.
+    pub working_dir: Option<String>,
+    /// Time limit: the runner kills everything it started when it passes.
+    pub timeout: Option<Duration>,
+}
+
+impl Task {
+    /// A task with no env, secrets, image, working directory or timeout.
+    pub fn new(run_id: impl Into<String>, step_id: impl Into<String>, attempt: u32, program: Program) -> Self {
+        Task {
+            run_id: run_id.into(),
+            step_id: step_id.into(),
+            attempt,
+            program,
+            image: None,
+            env: Vec::new(),
+            secrets: Vec::new(),
+            working_dir: None,
+            timeout: None,
+        }
+    }
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Receives an attempt's output line by line, as it is produced.
+pub trait LogSink: Send + Sync {
+    /// One line, without its line terminator.
+    fn line(&self, stream: Stream, line: &str);
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outcome {
+    /// Exit code, when the process exited.
+    pub exit_code: Option<i32>,
+    /// Signal number, when the process was killed by a signal.
+    pub signal: Option<i32>,
+    /// Outputs written by the attempt (`key=value` lines to `$NEXUS_OUTPUT`).
+    pub outputs: Map<String>,
+    /// When the attempt started.
+    pub started: SystemTime,
+    /// When it finished.
+    pub finished: SystemTime,
+}
+
+impl Outcome {
+    /// An outcome with an exit code and no outputs.
+    pub fn exited(exit_code: i32, started: SystemTime, finished: SystemTime) -> Self {
+        Outcome { exit_code: Some(exit_code), signal: None, outputs: Map::new(), started, finished }
+    }
+
+    /// Whether the attempt succeeded (exit code 0).
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+/// Executes step attempts: a local process, a container, a Kubernetes Job, a remote host.
+#[async_trait]
+pub trait Runner: Send + Sync {
+    /// Runs one attempt, streaming its output to `logs`. On timeout or when `cancel`
+    /// fires, it must stop everything it started and clean up before returning.
+    async fn run(&self, task: &Task, logs: &dyn LogSink, cancel: CancellationToken) -> Result<Outcome>;
+}
+
+/// The state of a health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HealthStatus {
+    /// Working.
+    Healthy,
+    /// Working, but slow or partly failing.
+    Degraded,
+    /// Not working.
+    Unhealthy,
+}
+
+/// The result of a health check.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Health {
+    /// The verdict.
+    pub status: HealthStatus,
+    /// How long the check took.
+    pub latency: Duration,
+    /// What was observed (version, reason of failure); never a secret.
+    pub detail: String,
+}
+
+impl Health {
+    /// A health result.
+    pub fn new(status: HealthStatus, latency: Duration, detail: impl Into<String>) -> Self {
+        Health { status, latency, detail: detail.into() }
+    }
+}
+
+/// One metric sample.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Sample {
+    /// Metric name (`nexus_step_duration_seconds`).
+    pub name: String,
+    /// Labels.
+    pub labels: Map<String>,
+    /// Value.
+    pub value: f64,
+}
+
+impl Sample {
+    /// A sample without labels.
+    pub fn new(name: impl Into<String>, value: f64) -> Self {
+        Sample { name: name.into(), labels: Map::new(), value }
+    }
+}
+
+/// Talks to a service the platform runs.
+#[async_trait]
+pub trait ServiceAdapter: Send + Sync {
+    /// Checks the service's health.
+    async fn check(&self) -> Result<Health>;
+    /// Reads the service's metrics.
+    async fn metrics(&self) -> Result<Vec<Sample>> {
+        Ok(Vec::new())
+    }
+    /// Calls a named action (`backup`, `query`, `publish`…) with JSON arguments.
+    async fn invoke(&self, action: &str, args: serde_json::Value) -> Result<serde_json::Value>;
+}
+
+/// Something that happened in the engine or to a service.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Event {
+    /// Dotted type: `run.started`, `run.failed`, `step.retrying`, `health.changed`…
+    pub kind: String,
+    /// When it happened.
+    pub at: SystemTime,
+    /// The run, if any.
+    pub run_id: Option<String>,
+    /// The pipeline, if any.
+    pub pipeline: Option<String>,
+    /// The environment, if any.
+    pub environment: Option<String>,
+    /// The step, if any.
+    pub step: Option<String>,
+    /// How serious it is.
+    pub severity: Severity,
+    /// A one-line description (already redacted).
+    pub message: String,
+    /// Labels of the pipeline, service or environment concerned.
+    pub labels: Map<String>,
+}
+
+impl Event {
+    /// An event of `kind` happening now.
+    pub fn new(kind: impl Into<String>, severity: Severity, message: impl Into<String>) -> Self {
+        Event {
+            kind: kind.into(),
+            at: SystemTime::now(),
+            run_id: None,
+            pipeline: None,
+            environment: None,
+            step: None,
+            severity,
+            message: message.into(),
+            labels: Map::new(),
+        }
+    }
+}
+
+/// Exports events and metrics (Prometheus, Grafana, Elasticsearch, a custom sink).
+#[async_trait]
+pub trait MonitorAdapter: Send + Sync {
+    /// Exports one event.
+    async fn export_event(&self, event: &Event) -> Result<()>;
+    /// Exports metric samples.
+    async fn export_metrics(&self, samples: &[Sample]) -> Result<()> {
+        let _ = samples;
+        Ok(())
+    }
+}
+
+/// A rendered notification.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Notification {
+    /// The subject or title.
+    pub title: String,
+    /// The body.
+    pub body: String,
+    /// How serious it is.
+    pub severity: Severity,
+    /// Key used by the receiver to group and resolve (PagerDuty `dedup_key`).
+    pub dedup_key: String,
+    /// Whether this resolves an earlier notification with the same key.
+    pub resolve: bool,
+    /// The event that caused it.
+    pub event: Option<Event>,
+}
+
+impl Notification {
+    /// A notification that opens (not resolves) an incident.
+    pub fn new(title: impl Into<String>, body: impl Into<String>, severity: Severity, dedup_key: impl Into<String>) -> Self {
+        Notification {
+            title: title.into(),
+            body: body.into(),
+            severity,
+            dedup_key: dedup_key.into(),
+            resolve: false,
+            event: None,
+        }
+    }
+}
+
+/// What the receiving end said about a delivered notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The receiver's id for the message, if it gives one.
+    pub message_id: Option<String>,
+    /// The deduplication key the receiver uses.
+    pub dedup_key: Option<String>,
+}
+
+impl Receipt {
+    /// A receipt.
+    pub fn new(message_id: Option<String>, dedup_key: Option<String>) -> Self {
+        Receipt { message_id, dedup_key }
+    }
+}
+
+/// Delivers notifications to a channel (email, Slack, PagerDuty, webhook).
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Sends one notification.
+    async fn send(&self, notification: &Notification) -> Result<Receipt>;
+}

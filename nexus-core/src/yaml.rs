@@ -1,0 +1,397 @@
+//! YAML to JSON with positions.
+//!
+//! The registries are parsed with `saphyr-parser` (events with spans) into a
+//! `serde_json::Value` plus a [`SpanIndex`] mapping every node's JSON pointer to where it
+//! was written. Schema errors (instance paths) and semantic errors are mapped back to
+//! file, line and column through it.
+//!
+//! Hostile input is refused early: aliases may not expand past [`MAX_NODES`] nodes in
+//! total (the "billion laughs" bomb), nesting may not exceed [`MAX_DEPTH`], keys must be
+//! unique, and only the YAML 1.2 core schema's tags are understood.
+
+use std::collections::HashMap;
+
+use saphyr_parser::{Event, Parser, ScalarStyle, Span as YamlSpan, Tag};
+use serde_json::{Map, Number, Value};
+
+/// Most nodes a document may expand to, aliases included.
+pub const MAX_NODES: usize = 1_000_000;
+/// Deepest nesting of mappings and sequences.
+pub const MAX_DEPTH: usize = 64;
+
+/// A position in a source file: 1-based line and column (in characters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pos {
+    /// Line, from 1.
+    pub line: u32,
+    /// Column, from 1, counted in characters.
+    pub col: u32,
+}
+
+/// A range of a source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Span {
+    /// First character.
+    pub start: Pos,
+    /// Just past the last character (on the same line for scalars).
+    pub end: Pos,
+}
+
+impl Span {
+    fn from_yaml(span: YamlSpan) -> Self {
+        let pos = |m: saphyr_parser::Marker| Pos { line: m.line() as u32, col: m.col() as u32 + 1 };
+        Span { start: pos(span.start), end: pos(span.end) }
+    }
+}
+
+/// Where each node of a parsed document was written, by JSON pointer.
+#[derive(Debug, Clone, Default)]
+pub struct SpanIndex {
+    values: HashMap<String, Span>,
+    keys: HashMap<String, Span>,
+}
+
+impl SpanIndex {
+    /// The span of the value at `pointer`, or of its nearest ancestor that has one
+    /// (nodes reached through an alias have the alias's span).
+    pub fn value(&self, pointer: &str) -> Option<Span> {
+        let mut p = pointer;
+        loop {
+            if let Some(span) = self.values.get(p) {
+                return Some(*span);
+            }
+            match p.rfind('/') {
+                Some(i) => p = &p[..i],
+                None => return None,
+            }
+        }
+    }
+
+    /// The span of the mapping key whose value is at `pointer`, falling back to the
+    /// value's span.
+    pub fn key(&self, pointer: &str) -> Option<Span> {
+        self.keys.get(pointer).copied().or_else(|| self.value(pointer))
+    }
+}
+
+/// Why a document could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YamlError {
+    /// Where.
+    pub pos: Pos,
+    /// What, and what to do.
+    pub message: String,
+}
+
+/// Escapes one JSON-pointer segment (RFC 6901).
+pub fn escape_segment(segment: &str) -> std::borrow::Cow<'_, str> {
+    if segment.contains(['~', '/']) {
+        segment.replace('~', "~0").replace('/', "~1").into()
+    } else {
+        segment.into()
+    }
+}
+
+enum Frame {
+    Seq { items: Vec<Value>, pointer: String, anchor: usize, start_nodes: usize },
+    Map { map: Map<String, Value>, pointer: String, key: Option<String>, anchor: usize, start_nodes: usize },
+}
+
+struct Builder {
+    stack: Vec<Frame>,
+    anchors: HashMap<usize, (Value, usize)>,
+    spans: SpanIndex,
+    nodes: usize,
+    root: Option<Value>,
+    documents: usize,
+}
+
+/// Parses one YAML document into JSON and the positions of its nodes.
+/// An empty document gives `Value::Null`.
+pub fn parse(text: &str) -> Result<(Value, SpanIndex), YamlError> {
+    let mut b = Builder {
+        stack: Vec::new(),
+        anchors: HashMap::new(),
+        spans: SpanIndex::default(),
+        nodes: 0,
+        root: None,
+        documents: 0,
+    };
+    for next in Parser::new_from_str(text) {
+        let (event, span) = next.map_err(|e| YamlError {
+            pos: Pos { line: e.marker().line() as u32, col: e.marker().col() as u32 + 1 },
+            message: format!("invalid YAML: {}", e.info()),
+        })?;
+        b.event(event, Span::from_yaml(span))?;
+    }
+    Ok((b.root.unwrap_or(Value::Null), b.spans))
+}
+
+impl Builder {
+    fn event(&mut self, event: Event<'_>, span: Span) -> Result<(), YamlError> {
+        let err = |message: String| YamlError { pos: span.start, message };
+        match event {
+            Event::DocumentStart(_) => {
+                self.documents += 1;
+                if self.documents > 1 {
+                    return Err(err(
+                        "a registry file holds one YAML document; remove the second `---` or move it to its own file".into(),
+                    ));
+                }
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                if let Some(Frame::Map { key: key @ None, map, pointer, .. }) = self.stack.last_mut() {
+                    let key_text = text.into_owned();
+                    if map.contains_key(&key_text) {
+                        return Err(err(format!(
+                            "duplicate key `{key_text}`; each key may appear once in a mapping"
+                        )));
+                    }
+                    let child = format!("{pointer}/{}", escape_segment(&key_text));
+                    self.spans.keys.insert(child, span);
+                    *key = Some(key_text);
+                    return Ok(());
+                }
+                let value = scalar(&text, style, tag.as_deref()).map_err(err)?;
+                self.push_value(value, span, anchor, 1)?;
+            }
+            Event::Alias(id) => {
+                let (value, size) = self.anchors.get(&id).cloned().ok_or_else(|| {
+                    err("alias to an unknown anchor".into())
+                })?;
+                if self.key_expected() {
+                    return Err(err("an alias cannot be used as a mapping key".into()));
+                }
+                self.push_value(value, span, 0, size)?;
+            }
+            Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag) if self.key_expected() => {
+                let _ = (anchor, tag);
+                return Err(err("complex mapping keys are not supported; use a plain string key".into()));
+            }
+            Event::SequenceStart(anchor, tag) => {
+                check_collection_tag(tag.as_deref(), "seq").map_err(err)?;
+                let pointer = self.child_pointer(span)?;
+                self.open(span)?;
+                self.stack.push(Frame::Seq { items: Vec::new(), pointer, anchor, start_nodes: self.nodes });
+            }
+            Event::MappingStart(anchor, tag) => {
+                check_collection_tag(tag.as_deref(), "map").map_err(err)?;
+                let pointer = self.child_pointer(span)?;
+                self.open(span)?;
+                self.stack.push(Frame::Map { map: Map::new(), pointer, key: None, anchor, start_nodes: self.nodes });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (value, anchor, start_nodes) = match self.stack.pop() {
+                    Some(Frame::Seq { items, anchor, start_nodes, .. }) => (Value::Array(items), anchor, start_nodes),
+                    Some(Frame::Map { map, anchor, start_nodes, .. }) => (Value::Object(map), anchor, start_nodes),
+                    None => return Err(err("unbalanced collection end".into())),
+                };
+                let size = self.nodes - start_nodes + 1;
+                if anchor != 0 {
+                    self.anchors.insert(anchor, (value.clone(), size));
+                }
+                self.attach(value);
+            }
+            Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
+        }
+        Ok(())
+    }
+
+    fn key_expected(&self) -> bool {
+        matches!(self.stack.last(), Some(Frame::Map { key: None, .. }))
+    }
+
+    /// The pointer of the node about to be added, recording its span.
+    fn child_pointer(&mut self, span: Span) -> Result<String, YamlError> {
+        let pointer = match self.stack.last() {
+            None => String::new(),
+            Some(Frame::Seq { items, pointer, .. }) => format!("{pointer}/{}", items.len()),
+            Some(Frame::Map { key, pointer, .. }) => {
+                format!("{pointer}/{}", escape_segment(key.as_deref().unwrap_or_default()))
+            }
+        };
+        self.spans.values.insert(pointer.clone(), span);
+        Ok(pointer)
+    }
+
+    fn open(&mut self, span: Span) -> Result<(), YamlError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(YamlError {
+                pos: span.start,
+                message: format!("nesting deeper than {MAX_DEPTH} levels; a registry never needs this, flatten the structure"),
+            });
+        }
+        self.count(1, span)
+    }
+
+    fn count(&mut self, size: usize, span: Span) -> Result<(), YamlError> {
+        self.nodes += size;
+        if self.nodes > MAX_NODES {
+            return Err(YamlError {
+                pos: span.start,
+                message: format!(
+                    "document expands to more than {MAX_NODES} nodes (an alias bomb?); refusing to expand aliases further"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn push_value(&mut self, value: Value, span: Span, anchor: usize, size: usize) -> Result<(), YamlError> {
+        // Check the budget before the (possibly huge) aliased value is attached.
+        self.count(size, span)?;
+        self.child_pointer(span)?;
+        if anchor != 0 {
+            self.anchors.insert(anchor, (value.clone(), size));
+        }
+        self.attach(value);
+        Ok(())
+    }
+
+    fn attach(&mut self, value: Value) {
+        match self.stack.last_mut() {
+            None => self.root = Some(value),
+            Some(Frame::Seq { items, .. }) => items.push(value),
+            Some(Frame::Map { map, key, .. }) => {
+                if let Some(k) = key.take() {
+                    map.insert(k, value);
+                }
+            }
+        }
+    }
+}
+
+fn check_collection_tag(tag: Option<&Tag>, expected: &str) -> Result<(), String> {
+    match tag {
+        None => Ok(()),
+        Some(t) if t.is_yaml_core_schema() && t.suffix == expected => Ok(()),
+        Some(t) => Err(format!("unsupported tag `{}{}`; registries use plain YAML without tags", t.handle, t.suffix)),
+    }
+}
+
+/// Resolves a scalar with the YAML 1.2 core schema.
+fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, String> {
+    if let Some(tag) = tag {
+        if !tag.is_yaml_core_schema() {
+            return Err(format!("unsupported tag `{}{}`; registries use plain YAML without tags", tag.handle, tag.suffix));
+        }
+        return match tag.suffix.as_str() {
+            "str" => Ok(Value::String(text.to_owned())),
+            "null" | "bool" | "int" | "float" => match plain(text) {
+                v @ Value::Null if tag.suffix == "null" => Ok(v),
+                v @ Value::Bool(_) if tag.suffix == "bool" => Ok(v),
+                Value::Number(n) if tag.suffix == "float" => Ok(Value::Number(n)),
+                Value::Number(n) if tag.suffix == "int" && (n.is_i64() || n.is_u64()) => Ok(Value::Number(n)),
+                _ => Err(format!("`{text}` is not a valid !!{}", tag.suffix)),
+            },
+            other => Err(format!("unsupported tag `!!{other}`")),
+        };
+    }
+    if style != ScalarStyle::Plain {
+        return Ok(Value::String(text.to_owned()));
+    }
+    Ok(plain(text))
+}
+
+fn plain(text: &str) -> Value {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
+        "true" | "True" | "TRUE" => return Value::Bool(true),
+        "false" | "False" | "FALSE" => return Value::Bool(false),
+        _ => {}
+    }
+    let first = text.as_bytes()[0];
+    if !(first.is_ascii_digit() || matches!(first, b'-' | b'+' | b'.')) {
+        return Value::String(text.to_owned());
+    }
+    let unsigned = text.trim_start_matches('+');
+    if let Some(hex) = unsigned.strip_prefix("0x") {
+        if let Ok(n) = i64::from_str_radix(hex, 16) {
+            return Value::Number(n.into());
+        }
+    } else if let Some(oct) = unsigned.strip_prefix("0o") {
+        if let Ok(n) = i64::from_str_radix(oct, 8) {
+            return Value::Number(n.into());
+        }
+    } else if unsigned.bytes().enumerate().all(|(i, c)| c.is_ascii_digit() || (i == 0 && c == b'-')) {
+        if let Ok(n) = unsigned.parse::<i64>() {
+            return Value::Number(n.into());
+        }
+        if let Ok(n) = unsigned.parse::<u64>() {
+            return Value::Number(n.into());
+        }
+    }
+    let is_float = unsigned
+        .bytes()
+        .all(|c| c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'-' | b'+'))
+        && unsigned.bytes().any(|c| c.is_ascii_digit());
+    if is_float {
+        if let Some(n) = unsigned.parse::<f64>().ok().and_then(Number::from_f64) {
+            return Value::Number(n);
+        }
+    }
+    Value::String(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn scalars_follow_the_core_schema() {
+        let (v, _) = parse("a: 1\nb: 1.5\nc: true\nd: ~\ne: '1'\nf: 0x1f\ng: hello\nh: -3\ni: 1e3\nj: 1.2.3\nk:\n").unwrap();
+        assert_eq!(
+            v,
+            json!({"a": 1, "b": 1.5, "c": true, "d": null, "e": "1", "f": 31, "g": "hello", "h": -3, "i": 1000.0, "j": "1.2.3", "k": null})
+        );
+    }
+
+    #[test]
+    fn spans_point_at_keys_and_values() {
+        let (_, spans) = parse("top:\n  items:\n    - name: x\n      value: 3\n").unwrap();
+        assert_eq!(spans.value("/top/items/0/value").unwrap().start, Pos { line: 4, col: 14 });
+        assert_eq!(spans.key("/top/items/0/value").unwrap().start, Pos { line: 4, col: 7 });
+        assert_eq!(spans.value("/top/items/0/missing").unwrap().start, Pos { line: 3, col: 7 });
+    }
+
+    #[test]
+    fn aliases_expand_and_keep_the_alias_position() {
+        let (v, spans) = parse("a: &x {k: 1}\nb: *x\n").unwrap();
+        assert_eq!(v, json!({"a": {"k": 1}, "b": {"k": 1}}));
+        assert_eq!(spans.value("/b/k").unwrap().start, Pos { line: 2, col: 4 });
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
+        assert_eq!(e.pos.line, 3);
+        assert!(e.message.contains("duplicate key `a`"));
+    }
+
+    #[test]
+    fn billion_laughs_is_refused_quickly() {
+        let mut doc = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            doc.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev.as_str(); 10].join(", ")));
+        }
+        let e = parse(&doc).unwrap_err();
+        assert!(e.message.contains("alias bomb"), "{}", e.message);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let doc = "[".repeat(10_000);
+        assert!(parse(&doc).is_err());
+        let doc = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        assert!(parse(&doc).unwrap_err().message.contains("nesting deeper"));
+    }
+
+    #[test]
+    fn second_document_and_tags_are_refused() {
+        assert!(parse("a: 1\n---\nb: 2\n").unwrap_err().message.contains("one YAML document"));
+        assert!(parse("a: !custom 1\n").unwrap_err().message.contains("unsupported tag"));
+        assert_eq!(parse("a: !!str 1\n").unwrap().0, json!({"a": "1"}));
+    }
+}
