@@ -107,14 +107,11 @@ impl<T: ?Sized> fmt::Debug for KindDescriptor<T> {
 impl<T: ?Sized + 'static> KindDescriptor<T> {
     /// The descriptor of a statically linked kind.
     pub fn of<K: ComponentKind<Trait = T>>() -> Self {
-        let schema = schemars::generate::SchemaSettings::draft2020_12()
-            .into_generator()
-            .into_root_schema_for::<K::Spec>();
         KindDescriptor {
             kind: K::KIND.to_owned(),
             description: K::DESCRIPTION.to_owned(),
             origin: "built-in".to_owned(),
-            spec_schema: schema.to_value(),
+            spec_schema: crate::schema::inline_schema_for::<K::Spec>(),
             example: serde_json::to_value(K::example()).unwrap_or_default(),
             actions: K::ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
             validate: Arc::new(|value| match serde_json::from_value::<K::Spec>(value.clone()) {

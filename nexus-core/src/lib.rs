@@ -12,3 +12,7 @@ pub mod yaml;
 pub use catalog::{Catalog, ComponentKind, Family, KindDescriptor, SpecIssue};
 pub use error::{Error, ErrorKind, Result};
 pub use model::Ssot;
+pub mod diag;
+pub mod load;
+pub mod schema;
+pub mod validate;
