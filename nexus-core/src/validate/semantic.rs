@@ -151,7 +151,7 @@ impl Checker<'_, '_> {
         }
         let mut d = Diagnostic::error(target.code(), format!("unknown {} `{name}`", target.noun()))
             .at(self.ctx.at(registry, ptr))
-            .expected(format!("the name of a {} declared in {}", target.noun(), target.home()))
+            .expected(format!("the name of {} {} declared in {}", article(target.noun()), target.noun(), target.home()))
             .suggest(name, names.iter().copied());
         if d.help.is_none() {
             d = d.help(if names.is_empty() {
@@ -180,6 +180,10 @@ impl Checker<'_, '_> {
         self.ctx.report.diagnostics.push(d);
         self.ctx.report.diagnostics.last_mut().expect("just pushed")
     }
+}
+
+fn article(noun: &str) -> &'static str {
+    if noun.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" }
 }
 
 fn preview(names: &[&str]) -> String {

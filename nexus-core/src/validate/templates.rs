@@ -15,8 +15,8 @@ use minijinja::Environment;
 use serde_json::Value;
 
 use super::{Ctx, Options};
-use crate::diag::Diagnostic;
-use crate::load::RegistryKind;
+use crate::diag::{Diagnostic, Location};
+use crate::load::{RegistryKind, Sources};
 use crate::model::{Pipeline, Ssot, Step};
 
 /// Namespaces each registry's templates may read.
@@ -65,12 +65,28 @@ pub(crate) fn check(ssot: &Ssot, options: &Options, ctx: &mut Ctx<'_>) {
             Ok(vars) => {
                 for var in vars {
                     if let Some(d) = scope.check(kind, &ptr, &var) {
-                        let location = ctx.at(kind, &ptr);
+                        let location = ctx.at(kind, &ptr).map(|l| narrow(ctx.sources, l, &var));
                         ctx.push(d.at(location));
                     }
                 }
             }
         }
+    }
+}
+
+/// Points at the variable itself: its first occurrence from the start of the string,
+/// which may be on a later line of a block scalar (`script: |`).
+fn narrow(sources: &Sources, location: Location, var: &str) -> Location {
+    let Some(file) = sources.files.iter().find(|f| f.path == location.file) else { return location };
+    let window_end = (location.offset + 64 * 1024).min(file.text.len());
+    let found = file.text.get(location.offset..window_end).and_then(|rest| rest.find(var));
+    match found {
+        Some(i) => {
+            let mut narrowed = file.location_of_offset(location.offset + i);
+            narrowed.length = var.len();
+            narrowed
+        }
+        None => location,
     }
 }
 
