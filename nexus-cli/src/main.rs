@@ -32,7 +32,12 @@ const EXIT_INTERNAL: u8 = 3;
 )]
 struct Cli {
     /// Directory holding the five registry files.
-    #[arg(long, global = true, default_value = "config/ssot", env = "NEXUS_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "config/ssot",
+        env = "NEXUS_CONFIG"
+    )]
     config: PathBuf,
     /// Output format of reading commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
@@ -52,14 +57,18 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Check the registries: schemas, references, DAGs, templates, cron, durations.
-    #[command(after_help = "Examples:\n  nexus validate\n  nexus validate --config ops/ssot --env prod\n  nexus validate --output json | jq '.diagnostics[] | .message'\n\nExit codes: 0 valid, 2 invalid.")]
+    #[command(
+        after_help = "Examples:\n  nexus validate\n  nexus validate --config ops/ssot --env prod\n  nexus validate --output json | jq '.diagnostics[] | .message'\n\nExit codes: 0 valid, 2 invalid."
+    )]
     Validate {
         /// Check as for this environment only (its variables must cover every template).
         #[arg(long)]
         env: Option<String>,
     },
     /// Write the JSON Schemas of the five registries (for editors and CI).
-    #[command(after_help = "Examples:\n  nexus schema                 write schemas/*.schema.json\n  nexus schema --check         exit 1 if the committed schemas are stale")]
+    #[command(
+        after_help = "Examples:\n  nexus schema                 write schemas/*.schema.json\n  nexus schema --check         exit 1 if the committed schemas are stale"
+    )]
     Schema {
         /// Directory the schema files are written to.
         #[arg(long, default_value = "schemas")]
@@ -69,7 +78,9 @@ enum Command {
         check: bool,
     },
     /// Write a small, valid, commented starter set of the five registries.
-    #[command(after_help = "Examples:\n  nexus init                   write config/ssot/\n  nexus init ops/ssot\n  nexus validate --config ops/ssot")]
+    #[command(
+        after_help = "Examples:\n  nexus init                   write config/ssot/\n  nexus init ops/ssot\n  nexus validate --config ops/ssot"
+    )]
     Init {
         /// Directory to create (default: the `--config` directory).
         dir: Option<PathBuf>,
@@ -134,7 +145,11 @@ fn cmd_validate(cli: &Cli, env: Option<String>) -> u8 {
             }
         }
     }
-    if report.has_errors() { EXIT_INVALID } else { EXIT_OK }
+    if report.has_errors() {
+        EXIT_INVALID
+    } else {
+        EXIT_OK
+    }
 }
 
 fn cmd_schema(out: &Path, check: bool) -> u8 {
@@ -149,17 +164,26 @@ fn cmd_schema(out: &Path, check: bool) -> u8 {
     if check {
         let stale: Vec<String> = files
             .iter()
-            .filter(|(name, text)| std::fs::read_to_string(out.join(name)).ok().as_deref() != Some(text.as_str()))
+            .filter(|(name, text)| {
+                std::fs::read_to_string(out.join(name)).ok().as_deref() != Some(text.as_str())
+            })
             .map(|(name, _)| out.join(name).display().to_string())
             .collect();
         if stale.is_empty() {
-            println!("{} schemas in {} are up to date", files.len(), out.display());
+            println!(
+                "{} schemas in {} are up to date",
+                files.len(),
+                out.display()
+            );
             return EXIT_OK;
         }
         for file in &stale {
             eprintln!("stale or missing: {file}");
         }
-        eprintln!("run `nexus schema --out {}` and commit the result", out.display());
+        eprintln!(
+            "run `nexus schema --out {}` and commit the result",
+            out.display()
+        );
         return EXIT_FAILED;
     }
     if let Err(e) = std::fs::create_dir_all(out) {

@@ -1,6 +1,5 @@
 //! Nexus core: the model of the five registries, their loading and validation, the
 //! extension traits and the catalog of component kinds.
-#![forbid(unsafe_code)]
 
 pub mod catalog;
 pub mod error;

@@ -39,8 +39,14 @@ pub struct Span {
 
 impl Span {
     fn from_yaml(span: YamlSpan) -> Self {
-        let pos = |m: saphyr_parser::Marker| Pos { line: m.line() as u32, col: m.col() as u32 + 1 };
-        Span { start: pos(span.start), end: pos(span.end) }
+        let pos = |m: saphyr_parser::Marker| Pos {
+            line: m.line() as u32,
+            col: m.col() as u32 + 1,
+        };
+        Span {
+            start: pos(span.start),
+            end: pos(span.end),
+        }
     }
 }
 
@@ -70,7 +76,10 @@ impl SpanIndex {
     /// The span of the mapping key whose value is at `pointer`, falling back to the
     /// value's span.
     pub fn key(&self, pointer: &str) -> Option<Span> {
-        self.keys.get(pointer).copied().or_else(|| self.value(pointer))
+        self.keys
+            .get(pointer)
+            .copied()
+            .or_else(|| self.value(pointer))
     }
 }
 
@@ -93,8 +102,19 @@ pub fn escape_segment(segment: &str) -> std::borrow::Cow<'_, str> {
 }
 
 enum Frame {
-    Seq { items: Vec<Value>, pointer: String, anchor: usize, start_nodes: usize },
-    Map { map: Map<String, Value>, pointer: String, key: Option<String>, anchor: usize, start_nodes: usize },
+    Seq {
+        items: Vec<Value>,
+        pointer: String,
+        anchor: usize,
+        start_nodes: usize,
+    },
+    Map {
+        map: Map<String, Value>,
+        pointer: String,
+        key: Option<String>,
+        anchor: usize,
+        start_nodes: usize,
+    },
 }
 
 struct Builder {
@@ -119,7 +139,10 @@ pub fn parse(text: &str) -> Result<(Value, SpanIndex), YamlError> {
     };
     for next in Parser::new_from_str(text) {
         let (event, span) = next.map_err(|e| YamlError {
-            pos: Pos { line: e.marker().line() as u32, col: e.marker().col() as u32 + 1 },
+            pos: Pos {
+                line: e.marker().line() as u32,
+                col: e.marker().col() as u32 + 1,
+            },
             message: format!("invalid YAML: {}", e.info()),
         })?;
         b.event(event, Span::from_yaml(span))?;
@@ -129,7 +152,10 @@ pub fn parse(text: &str) -> Result<(Value, SpanIndex), YamlError> {
 
 impl Builder {
     fn event(&mut self, event: Event<'_>, span: Span) -> Result<(), YamlError> {
-        let err = |message: String| YamlError { pos: span.start, message };
+        let err = |message: String| YamlError {
+            pos: span.start,
+            message,
+        };
         match event {
             Event::DocumentStart(_) => {
                 self.documents += 1;
@@ -140,7 +166,13 @@ impl Builder {
                 }
             }
             Event::Scalar(text, style, anchor, tag) => {
-                if let Some(Frame::Map { key: key @ None, map, pointer, .. }) = self.stack.last_mut() {
+                if let Some(Frame::Map {
+                    key: key @ None,
+                    map,
+                    pointer,
+                    ..
+                }) = self.stack.last_mut()
+                {
                     let key_text = text.into_owned();
                     if map.contains_key(&key_text) {
                         return Err(err(format!(
@@ -156,34 +188,61 @@ impl Builder {
                 self.push_value(value, span, anchor, 1)?;
             }
             Event::Alias(id) => {
-                let (value, size) = self.anchors.get(&id).cloned().ok_or_else(|| {
-                    err("alias to an unknown anchor".into())
-                })?;
+                let (value, size) = self
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| err("alias to an unknown anchor".into()))?;
                 if self.key_expected() {
                     return Err(err("an alias cannot be used as a mapping key".into()));
                 }
                 self.push_value(value, span, 0, size)?;
             }
-            Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag) if self.key_expected() => {
+            Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag)
+                if self.key_expected() =>
+            {
                 let _ = (anchor, tag);
-                return Err(err("complex mapping keys are not supported; use a plain string key".into()));
+                return Err(err(
+                    "complex mapping keys are not supported; use a plain string key".into(),
+                ));
             }
             Event::SequenceStart(anchor, tag) => {
                 check_collection_tag(tag.as_deref(), "seq").map_err(err)?;
                 let pointer = self.child_pointer(span)?;
                 self.open(span)?;
-                self.stack.push(Frame::Seq { items: Vec::new(), pointer, anchor, start_nodes: self.nodes });
+                self.stack.push(Frame::Seq {
+                    items: Vec::new(),
+                    pointer,
+                    anchor,
+                    start_nodes: self.nodes,
+                });
             }
             Event::MappingStart(anchor, tag) => {
                 check_collection_tag(tag.as_deref(), "map").map_err(err)?;
                 let pointer = self.child_pointer(span)?;
                 self.open(span)?;
-                self.stack.push(Frame::Map { map: Map::new(), pointer, key: None, anchor, start_nodes: self.nodes });
+                self.stack.push(Frame::Map {
+                    map: Map::new(),
+                    pointer,
+                    key: None,
+                    anchor,
+                    start_nodes: self.nodes,
+                });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let (value, anchor, start_nodes) = match self.stack.pop() {
-                    Some(Frame::Seq { items, anchor, start_nodes, .. }) => (Value::Array(items), anchor, start_nodes),
-                    Some(Frame::Map { map, anchor, start_nodes, .. }) => (Value::Object(map), anchor, start_nodes),
+                    Some(Frame::Seq {
+                        items,
+                        anchor,
+                        start_nodes,
+                        ..
+                    }) => (Value::Array(items), anchor, start_nodes),
+                    Some(Frame::Map {
+                        map,
+                        anchor,
+                        start_nodes,
+                        ..
+                    }) => (Value::Object(map), anchor, start_nodes),
                     None => return Err(err("unbalanced collection end".into())),
                 };
                 let size = self.nodes - start_nodes + 1;
@@ -207,7 +266,10 @@ impl Builder {
             None => String::new(),
             Some(Frame::Seq { items, pointer, .. }) => format!("{pointer}/{}", items.len()),
             Some(Frame::Map { key, pointer, .. }) => {
-                format!("{pointer}/{}", escape_segment(key.as_deref().unwrap_or_default()))
+                format!(
+                    "{pointer}/{}",
+                    escape_segment(key.as_deref().unwrap_or_default())
+                )
             }
         };
         self.spans.values.insert(pointer.clone(), span);
@@ -218,7 +280,9 @@ impl Builder {
         if self.stack.len() >= MAX_DEPTH {
             return Err(YamlError {
                 pos: span.start,
-                message: format!("nesting deeper than {MAX_DEPTH} levels; a registry never needs this, flatten the structure"),
+                message: format!(
+                    "nesting deeper than {MAX_DEPTH} levels; a registry never needs this, flatten the structure"
+                ),
             });
         }
         self.count(1, span)
@@ -237,7 +301,13 @@ impl Builder {
         Ok(())
     }
 
-    fn push_value(&mut self, value: Value, span: Span, anchor: usize, size: usize) -> Result<(), YamlError> {
+    fn push_value(
+        &mut self,
+        value: Value,
+        span: Span,
+        anchor: usize,
+        size: usize,
+    ) -> Result<(), YamlError> {
         // Check the budget before the (possibly huge) aliased value is attached.
         self.count(size, span)?;
         self.child_pointer(span)?;
@@ -265,7 +335,10 @@ fn check_collection_tag(tag: Option<&Tag>, expected: &str) -> Result<(), String>
     match tag {
         None => Ok(()),
         Some(t) if t.is_yaml_core_schema() && t.suffix == expected => Ok(()),
-        Some(t) => Err(format!("unsupported tag `{}{}`; registries use plain YAML without tags", t.handle, t.suffix)),
+        Some(t) => Err(format!(
+            "unsupported tag `{}{}`; registries use plain YAML without tags",
+            t.handle, t.suffix
+        )),
     }
 }
 
@@ -273,7 +346,10 @@ fn check_collection_tag(tag: Option<&Tag>, expected: &str) -> Result<(), String>
 fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, String> {
     if let Some(tag) = tag {
         if !tag.is_yaml_core_schema() {
-            return Err(format!("unsupported tag `{}{}`; registries use plain YAML without tags", tag.handle, tag.suffix));
+            return Err(format!(
+                "unsupported tag `{}{}`; registries use plain YAML without tags",
+                tag.handle, tag.suffix
+            ));
         }
         return match tag.suffix.as_str() {
             "str" => Ok(Value::String(text.to_owned())),
@@ -281,7 +357,9 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, St
                 v @ Value::Null if tag.suffix == "null" => Ok(v),
                 v @ Value::Bool(_) if tag.suffix == "bool" => Ok(v),
                 Value::Number(n) if tag.suffix == "float" => Ok(Value::Number(n)),
-                Value::Number(n) if tag.suffix == "int" && (n.is_i64() || n.is_u64()) => Ok(Value::Number(n)),
+                Value::Number(n) if tag.suffix == "int" && (n.is_i64() || n.is_u64()) => {
+                    Ok(Value::Number(n))
+                }
                 _ => Err(format!("`{text}` is not a valid !!{}", tag.suffix)),
             },
             other => Err(format!("unsupported tag `!!{other}`")),
@@ -313,7 +391,11 @@ fn plain(text: &str) -> Value {
         if let Ok(n) = i64::from_str_radix(oct, 8) {
             return Value::Number(n.into());
         }
-    } else if unsigned.bytes().enumerate().all(|(i, c)| c.is_ascii_digit() || (i == 0 && c == b'-')) {
+    } else if unsigned
+        .bytes()
+        .enumerate()
+        .all(|(i, c)| c.is_ascii_digit() || (i == 0 && c == b'-'))
+    {
         if let Ok(n) = unsigned.parse::<i64>() {
             return Value::Number(n.into());
         }
@@ -325,10 +407,8 @@ fn plain(text: &str) -> Value {
         .bytes()
         .all(|c| c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'-' | b'+'))
         && unsigned.bytes().any(|c| c.is_ascii_digit());
-    if is_float {
-        if let Some(n) = unsigned.parse::<f64>().ok().and_then(Number::from_f64) {
-            return Value::Number(n);
-        }
+    if is_float && let Some(n) = unsigned.parse::<f64>().ok().and_then(Number::from_f64) {
+        return Value::Number(n);
     }
     Value::String(text.to_owned())
 }
@@ -340,7 +420,10 @@ mod tests {
 
     #[test]
     fn scalars_follow_the_core_schema() {
-        let (v, _) = parse("a: 1\nb: 1.5\nc: true\nd: ~\ne: '1'\nf: 0x1f\ng: hello\nh: -3\ni: 1e3\nj: 1.2.3\nk:\n").unwrap();
+        let (v, _) = parse(
+            "a: 1\nb: 1.5\nc: true\nd: ~\ne: '1'\nf: 0x1f\ng: hello\nh: -3\ni: 1e3\nj: 1.2.3\nk:\n",
+        )
+        .unwrap();
         assert_eq!(
             v,
             json!({"a": 1, "b": 1.5, "c": true, "d": null, "e": "1", "f": 31, "g": "hello", "h": -3, "i": 1000.0, "j": "1.2.3", "k": null})
@@ -350,9 +433,18 @@ mod tests {
     #[test]
     fn spans_point_at_keys_and_values() {
         let (_, spans) = parse("top:\n  items:\n    - name: x\n      value: 3\n").unwrap();
-        assert_eq!(spans.value("/top/items/0/value").unwrap().start, Pos { line: 4, col: 14 });
-        assert_eq!(spans.key("/top/items/0/value").unwrap().start, Pos { line: 4, col: 7 });
-        assert_eq!(spans.value("/top/items/0/missing").unwrap().start, Pos { line: 3, col: 7 });
+        assert_eq!(
+            spans.value("/top/items/0/value").unwrap().start,
+            Pos { line: 4, col: 14 }
+        );
+        assert_eq!(
+            spans.key("/top/items/0/value").unwrap().start,
+            Pos { line: 4, col: 7 }
+        );
+        assert_eq!(
+            spans.value("/top/items/0/missing").unwrap().start,
+            Pos { line: 3, col: 7 }
+        );
     }
 
     #[test]
@@ -374,7 +466,10 @@ mod tests {
         let mut doc = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
         for i in 1..10 {
             let prev = format!("*a{}", i - 1);
-            doc.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev.as_str(); 10].join(", ")));
+            doc.push_str(&format!(
+                "a{i}: &a{i} [{}]\n",
+                [prev.as_str(); 10].join(", ")
+            ));
         }
         let e = parse(&doc).unwrap_err();
         assert!(e.message.contains("alias bomb"), "{}", e.message);
@@ -390,8 +485,18 @@ mod tests {
 
     #[test]
     fn second_document_and_tags_are_refused() {
-        assert!(parse("a: 1\n---\nb: 2\n").unwrap_err().message.contains("one YAML document"));
-        assert!(parse("a: !custom 1\n").unwrap_err().message.contains("unsupported tag"));
+        assert!(
+            parse("a: 1\n---\nb: 2\n")
+                .unwrap_err()
+                .message
+                .contains("one YAML document")
+        );
+        assert!(
+            parse("a: !custom 1\n")
+                .unwrap_err()
+                .message
+                .contains("unsupported tag")
+        );
         assert_eq!(parse("a: !!str 1\n").unwrap().0, json!({"a": "1"}));
     }
 }

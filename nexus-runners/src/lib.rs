@@ -3,8 +3,6 @@
 //!
 //! [`register`] puts every enabled kind into a [`Catalog`]. Adding a runner kind means
 //! a new crate, a feature in `Cargo.toml`, and one line here.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 use nexus_core::{Catalog, Result};
 
@@ -24,7 +22,13 @@ pub fn register(catalog: &mut Catalog) -> Result<()> {
     Ok(())
 }
 
-#[cfg(all(test, feature = "local", feature = "docker", feature = "kubernetes", feature = "ssh"))]
+#[cfg(all(
+    test,
+    feature = "local",
+    feature = "docker",
+    feature = "kubernetes",
+    feature = "ssh"
+))]
 mod tests {
     use super::*;
 
@@ -32,9 +36,16 @@ mod tests {
     fn registers_every_default_kind_once() {
         let mut catalog = Catalog::new();
         register(&mut catalog).unwrap();
-        assert_eq!(catalog.runners.names().collect::<Vec<_>>(), ["docker", "kubernetes", "local", "ssh"]);
+        assert_eq!(
+            catalog.runners.names().collect::<Vec<_>>(),
+            ["docker", "kubernetes", "local", "ssh"]
+        );
         for descriptor in catalog.runners.iter() {
-            assert!(descriptor.validate(&descriptor.example).is_empty(), "{}", descriptor.kind);
+            assert!(
+                descriptor.validate(&descriptor.example).is_empty(),
+                "{}",
+                descriptor.kind
+            );
         }
         let again = register(&mut catalog).unwrap_err();
         assert_eq!(again.kind(), nexus_core::ErrorKind::Conflict);

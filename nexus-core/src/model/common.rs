@@ -11,8 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub type Map<V> = IndexMap<String, V>;
 
 /// The pattern every duration string must match (`30s`, `5m`, `1h30m`, `250ms`, `2d`).
-pub const DURATION_PATTERN: &str =
-    r"^\s*[0-9]+\s*(ms|msec|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days|w|week|weeks)(\s*[0-9]+\s*(ms|msec|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days|w|week|weeks))*\s*$";
+pub const DURATION_PATTERN: &str = r"^\s*[0-9]+\s*(ms|msec|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days|w|week|weeks)(\s*[0-9]+\s*(ms|msec|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days|w|week|weeks))*\s*$";
 
 /// A length of time written the human way: `30s`, `5m`, `1h30m`, `250ms`, `2d`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -12,7 +12,9 @@ pub mod security;
 
 pub use automation::{Automation, AutomationRegistry, Category};
 pub use common::{Duration, Labels, Map, OutputSpec, ParamSpec, ParamType, RetryPolicy, RunSpec};
-pub use monitoring::{Channel, HealthCheck, Monitor, MonitoringRegistry, Route, RouteMatch, Service};
+pub use monitoring::{
+    Channel, HealthCheck, Monitor, MonitoringRegistry, Route, RouteMatch, Service,
+};
 pub use orchestration::{
     Defaults, Environment, Lock, OrchestrationRegistry, RunnerInstance, Schedule, StateStore,
 };

@@ -71,7 +71,11 @@ pub struct SecretSource {
 impl Secret {
     /// The environment-independent source.
     pub fn source(&self) -> SecretSource {
-        SecretSource { env: self.env.clone(), file: self.file.clone(), command: self.command.clone() }
+        SecretSource {
+            env: self.env.clone(),
+            file: self.file.clone(),
+            command: self.command.clone(),
+        }
     }
 }
 

@@ -47,14 +47,21 @@ pub fn validate_dir(dir: &Path, catalog: &Catalog, options: &Options) -> Validat
     for d in load_diags {
         report.push(d);
     }
-    let mut ctx = Ctx { sources: &sources, docs: BTreeMap::new(), report: &mut report };
+    let mut ctx = Ctx {
+        sources: &sources,
+        docs: BTreeMap::new(),
+        report: &mut report,
+    };
     for doc in docs {
         ctx.docs.insert(doc.kind, doc);
     }
 
     let mut typed = Typed::default();
+    let mut schema_clean = Vec::new();
     for kind in RegistryKind::ALL {
-        let Some(doc) = ctx.docs.get(&kind) else { continue };
+        let Some(doc) = ctx.docs.get(&kind) else {
+            continue;
+        };
         let schema = registry_schema(kind, catalog);
         let errors = schema_errors::check(doc, &schema, ctx.sources);
         let clean = errors.is_empty();
@@ -62,12 +69,13 @@ pub fn validate_dir(dir: &Path, catalog: &Catalog, options: &Options) -> Validat
             ctx.report.push(d);
         }
         if clean {
+            schema_clean.push(kind);
             if let Err(d) = typed.set(doc, ctx.sources) {
-                ctx.push(d);
+                ctx.push(*d);
             }
         }
     }
-    check_component_kinds(&mut ctx, catalog);
+    check_component_kinds(&mut ctx, catalog, &schema_clean);
 
     let ssot = typed.complete();
     if let Some(ssot) = &ssot {
@@ -76,7 +84,11 @@ pub fn validate_dir(dir: &Path, catalog: &Catalog, options: &Options) -> Validat
     }
     report.sort();
     let ssot = if report.has_errors() { None } else { ssot };
-    Validated { ssot, report, sources }
+    Validated {
+        ssot,
+        report,
+        sources,
+    }
 }
 
 /// What validation stages share: the sources, the parsed registries and the report.
@@ -89,12 +101,16 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     /// The location of the value at `pointer` in `kind`'s registry.
     pub fn at(&self, kind: RegistryKind, pointer: &str) -> Option<Location> {
-        self.docs.get(&kind).and_then(|doc| self.sources.locate(doc, pointer, false))
+        self.docs
+            .get(&kind)
+            .and_then(|doc| self.sources.locate(doc, pointer, false))
     }
 
     /// The location of the key of the entry at `pointer`.
     pub fn key_at(&self, kind: RegistryKind, pointer: &str) -> Option<Location> {
-        self.docs.get(&kind).and_then(|doc| self.sources.locate(doc, pointer, true))
+        self.docs
+            .get(&kind)
+            .and_then(|doc| self.sources.locate(doc, pointer, true))
     }
 
     /// Records a diagnostic.
@@ -123,14 +139,19 @@ struct Typed {
 }
 
 impl Typed {
-    fn set(&mut self, doc: &RegistryDoc, sources: &Sources) -> Result<(), Diagnostic> {
-        fn de<T: serde::de::DeserializeOwned>(doc: &RegistryDoc, sources: &Sources) -> Result<T, Diagnostic> {
+    fn set(&mut self, doc: &RegistryDoc, sources: &Sources) -> Result<(), Box<Diagnostic>> {
+        fn de<T: serde::de::DeserializeOwned>(
+            doc: &RegistryDoc,
+            sources: &Sources,
+        ) -> Result<T, Box<Diagnostic>> {
             // The schema is generated from the same types, so this is rare: a value the
             // schema cannot express (such as an unparsable duration like `99999999999d`).
             serde_json::from_value(doc.value.clone()).map_err(|e| {
-                Diagnostic::error("nexus::invalid_value", e.to_string())
-                    .at(sources.locate(doc, "", false))
-                    .help("fix the value named in the message")
+                Box::new(
+                    Diagnostic::error("nexus::invalid_value", e.to_string())
+                        .at(sources.locate(doc, "", false))
+                        .help("fix the value named in the message"),
+                )
             })
         }
         match doc.kind {
@@ -154,17 +175,33 @@ impl Typed {
     }
 }
 
-/// Unknown kinds, and each known kind's pure validation of its spec.
-fn check_component_kinds(ctx: &mut Ctx<'_>, catalog: &Catalog) {
+/// Unknown kinds, and each known kind's pure validation of its spec. Only registries
+/// that passed their schema are looked at, so a problem is not reported twice.
+fn check_component_kinds(ctx: &mut Ctx<'_>, catalog: &Catalog, schema_clean: &[RegistryKind]) {
     let mut found = Vec::new();
-    for (kind, doc) in &ctx.docs {
-        let Value::Object(sections) = &doc.value else { continue };
+    for (kind, doc) in ctx.docs.iter().filter(|(k, _)| schema_clean.contains(k)) {
+        let Value::Object(sections) = &doc.value else {
+            continue;
+        };
         for (section, entries) in sections {
-            let Some(family) = envelope_family(*kind, section) else { continue };
-            let Value::Object(entries) = entries else { continue };
+            let Some(family) = envelope_family(*kind, section) else {
+                continue;
+            };
+            let Value::Object(entries) = entries else {
+                continue;
+            };
             for (name, entry) in entries {
-                let Some(kind_name) = entry.get("kind").and_then(Value::as_str) else { continue };
-                found.push((*kind, family, section.clone(), name.clone(), kind_name.to_owned(), entry.get("spec").cloned()));
+                let Some(kind_name) = entry.get("kind").and_then(Value::as_str) else {
+                    continue;
+                };
+                found.push((
+                    *kind,
+                    family,
+                    section.clone(),
+                    name.clone(),
+                    kind_name.to_owned(),
+                    entry.get("spec").cloned(),
+                ));
             }
         }
     }
@@ -174,7 +211,11 @@ fn check_component_kinds(ctx: &mut Ctx<'_>, catalog: &Catalog) {
         match kinds.iter().find(|k| k.kind == kind_name) {
             None => {
                 let available: Vec<&str> = kinds.iter().map(|k| k.kind).collect();
-                let list = if available.is_empty() { "none".to_owned() } else { available.join(", ") };
+                let list = if available.is_empty() {
+                    "none".to_owned()
+                } else {
+                    available.join(", ")
+                };
                 ctx.push(
                     Diagnostic::error("nexus::unknown_kind", format!("unknown {family} kind `{kind_name}` for `{name}`"))
                         .at(ctx.at(registry, &format!("{base}/kind")))
@@ -191,8 +232,11 @@ fn check_component_kinds(ctx: &mut Ctx<'_>, catalog: &Catalog) {
                     let mut segments = vec![section.clone(), name.clone(), "spec".to_owned()];
                     segments.extend(issue.path.iter().cloned());
                     ctx.push(
-                        Diagnostic::error("nexus::invalid_spec", format!("invalid `{kind_name}` spec for `{name}`: {}", issue.message))
-                            .at(ctx.at(registry, &pointer(&segments))),
+                        Diagnostic::error(
+                            "nexus::invalid_spec",
+                            format!("invalid `{kind_name}` spec for `{name}`: {}", issue.message),
+                        )
+                        .at(ctx.at(registry, &pointer(&segments))),
                     );
                 }
             }

@@ -23,7 +23,9 @@ use crate::model::{Pipeline, Ssot, Step};
 fn namespaces(kind: RegistryKind) -> &'static [&'static str] {
     match kind {
         RegistryKind::Automation => &["params", "env", "secrets", "run"],
-        RegistryKind::Pipeline => &["params", "env", "secrets", "steps", "matrix", "run", "pipeline"],
+        RegistryKind::Pipeline => &[
+            "params", "env", "secrets", "steps", "matrix", "run", "pipeline",
+        ],
         RegistryKind::Orchestration => &["env", "secrets", "event"],
         RegistryKind::Monitoring => &["env", "secrets", "event", "run", "pipeline"],
         RegistryKind::Security => &["env"],
@@ -31,7 +33,15 @@ fn namespaces(kind: RegistryKind) -> &'static [&'static str] {
 }
 
 /// Functions and values minijinja provides, read as variables by the analysis.
-const GLOBALS: &[&str] = &["range", "dict", "namespace", "loop", "true", "false", "none"];
+const GLOBALS: &[&str] = &[
+    "range",
+    "dict",
+    "namespace",
+    "loop",
+    "true",
+    "false",
+    "none",
+];
 
 /// A compiled template's variables, or its syntax error.
 type Analysis = Result<Vec<String>, (String, Option<usize>)>;
@@ -51,15 +61,21 @@ pub(crate) fn check(ssot: &Ssot, options: &Options, ctx: &mut Ctx<'_>) {
             .clone();
         match analysis {
             Err((message, line)) => {
-                let within = line.filter(|l| *l > 1).map(|l| format!(" (line {l} of the template)")).unwrap_or_default();
+                let within = line
+                    .filter(|l| *l > 1)
+                    .map(|l| format!(" (line {l} of the template)"))
+                    .unwrap_or_default();
                 ctx.push(
-                    Diagnostic::error("nexus::template_syntax", format!("invalid template{within}: {message}"))
-                        .at(ctx.at(kind, &ptr))
-                        .expected(if is_condition {
-                            "a minijinja expression such as `params.env == 'prod'`"
-                        } else {
-                            "minijinja syntax: `{{ params.name }}`, `{% if … %}…{% endif %}`"
-                        }),
+                    Diagnostic::error(
+                        "nexus::template_syntax",
+                        format!("invalid template{within}: {message}"),
+                    )
+                    .at(ctx.at(kind, &ptr))
+                    .expected(if is_condition {
+                        "a minijinja expression such as `params.env == 'prod'`"
+                    } else {
+                        "minijinja syntax: `{{ params.name }}`, `{% if … %}…{% endif %}`"
+                    }),
                 );
             }
             Ok(vars) => {
@@ -77,9 +93,14 @@ pub(crate) fn check(ssot: &Ssot, options: &Options, ctx: &mut Ctx<'_>) {
 /// Points at the variable itself: its first occurrence from the start of the string,
 /// which may be on a later line of a block scalar (`script: |`).
 fn narrow(sources: &Sources, location: Location, var: &str) -> Location {
-    let Some(file) = sources.files.iter().find(|f| f.path == location.file) else { return location };
+    let Some(file) = sources.files.iter().find(|f| f.path == location.file) else {
+        return location;
+    };
     let window_end = (location.offset + 64 * 1024).min(file.text.len());
-    let found = file.text.get(location.offset..window_end).and_then(|rest| rest.find(var));
+    let found = file
+        .text
+        .get(location.offset..window_end)
+        .and_then(|rest| rest.find(var));
     match found {
         Some(i) => {
             let mut narrowed = file.location_of_offset(location.offset + i);
@@ -91,7 +112,12 @@ fn narrow(sources: &Sources, location: Location, var: &str) -> Location {
 }
 
 /// Finds every templated string (and every `if` condition) with its pointer.
-fn collect(kind: RegistryKind, value: &Value, ptr: &mut String, out: &mut Vec<(RegistryKind, String, String, bool)>) {
+fn collect(
+    kind: RegistryKind,
+    value: &Value,
+    ptr: &mut String,
+    out: &mut Vec<(RegistryKind, String, String, bool)>,
+) {
     match value {
         Value::String(s) => {
             let is_condition = kind == RegistryKind::Pipeline && ptr.ends_with("/if");
@@ -121,11 +147,20 @@ fn collect(kind: RegistryKind, value: &Value, ptr: &mut String, out: &mut Vec<(R
 }
 
 fn analyse(env: &Environment<'_>, text: &str, is_condition: bool) -> Analysis {
-    let error = |e: minijinja::Error| (e.detail().map_or_else(|| e.to_string(), str::to_owned), e.line());
+    let error = |e: minijinja::Error| {
+        (
+            e.detail().map_or_else(|| e.to_string(), str::to_owned),
+            e.line(),
+        )
+    };
     let vars = if is_condition {
-        env.compile_expression(text).map_err(error)?.undeclared_variables(true)
+        env.compile_expression(text)
+            .map_err(error)?
+            .undeclared_variables(true)
     } else {
-        env.template_from_str(text).map_err(error)?.undeclared_variables(true)
+        env.template_from_str(text)
+            .map_err(error)?
+            .undeclared_variables(true)
     };
     let mut vars: Vec<String> = vars.into_iter().collect();
     vars.sort();
@@ -149,7 +184,11 @@ impl<'a> Scope<'a> {
             .filter(|(name, _)| options.env.as_ref().is_none_or(|e| e == *name))
             .map(|(name, env)| (name.as_str(), env.vars.keys().map(String::as_str).collect()))
             .collect();
-        Scope { ssot, env_vars, secrets: ssot.security.secrets.keys().map(String::as_str).collect() }
+        Scope {
+            ssot,
+            env_vars,
+            secrets: ssot.security.secrets.keys().map(String::as_str).collect(),
+        }
     }
 
     /// Checks one variable read by the template at `ptr` of registry `kind`.
@@ -162,9 +201,12 @@ impl<'a> Scope<'a> {
         }
         if !allowed.contains(&root) {
             return Some(
-                Diagnostic::error("nexus::template_namespace", format!("template reads `{var}`, but `{root}` is not available here"))
-                    .expected(format!("a variable under: {}", allowed.join(", ")))
-                    .suggest(root, allowed.iter().copied()),
+                Diagnostic::error(
+                    "nexus::template_namespace",
+                    format!("template reads `{var}`, but `{root}` is not available here"),
+                )
+                .expected(format!("a variable under: {}", allowed.join(", ")))
+                .suggest(root, allowed.iter().copied()),
             );
         }
         let segs = segments(ptr);
@@ -227,7 +269,11 @@ impl<'a> Scope<'a> {
         if segs.first().map(String::as_str) != Some("pipelines") {
             return None;
         }
-        self.ssot.pipelines.pipelines.get_key_value(segs.get(1)?.as_str()).map(|(k, v)| (k.as_str(), v))
+        self.ssot
+            .pipelines
+            .pipelines
+            .get_key_value(segs.get(1)?.as_str())
+            .map(|(k, v)| (k.as_str(), v))
     }
 
     /// The step a pointer is inside: (group, index, step).
@@ -239,14 +285,27 @@ impl<'a> Scope<'a> {
 
     fn params_at(&self, kind: RegistryKind, segs: &[String]) -> Option<Vec<&'a str>> {
         let params = match kind {
-            RegistryKind::Automation => &self.ssot.automations.automations.get(segs.get(1)?.as_str())?.params,
+            RegistryKind::Automation => {
+                &self
+                    .ssot
+                    .automations
+                    .automations
+                    .get(segs.get(1)?.as_str())?
+                    .params
+            }
             RegistryKind::Pipeline => &self.pipeline_at(segs)?.1.params,
             _ => return None,
         };
         Some(params.keys().map(String::as_str).collect())
     }
 
-    fn check_step_ref(&self, segs: &[String], id: &str, field: Option<&str>, output: Option<&str>) -> Option<Diagnostic> {
+    fn check_step_ref(
+        &self,
+        segs: &[String],
+        id: &str,
+        field: Option<&str>,
+        output: Option<&str>,
+    ) -> Option<Diagnostic> {
         let (pipeline_name, pipeline) = self.pipeline_at(segs)?;
         let all: Vec<&Step> = ["steps", "on_failure", "on_success", "finally"]
             .iter()
@@ -261,23 +320,39 @@ impl<'a> Scope<'a> {
             );
         };
         // A main step may only read steps it waits for; hooks run after all of them.
-        if segs.get(2).map(String::as_str) == Some("steps") {
-            if let Some(reader) = self.step_at(segs) {
-                if reader.id != id && !depends_on(&pipeline.steps, &reader.id, id) {
-                    return Some(
-                        Diagnostic::error("nexus::missing_needs", format!("step `{}` reads `steps.{id}` but does not depend on `{id}`", reader.id))
-                            .expected(format!("`{id}` among the step's `needs` (directly or through other steps)"))
-                            .help(format!("add `needs: [{id}]` to step `{}` so `{id}` has finished when it runs", reader.id)),
-                    );
-                }
-            }
+        if segs.get(2).map(String::as_str) == Some("steps")
+            && let Some(reader) = self.step_at(segs)
+            && reader.id != id
+            && !depends_on(&pipeline.steps, &reader.id, id)
+        {
+            return Some(
+                Diagnostic::error(
+                    "nexus::missing_needs",
+                    format!(
+                        "step `{}` reads `steps.{id}` but does not depend on `{id}`",
+                        reader.id
+                    ),
+                )
+                .expected(format!(
+                    "`{id}` among the step's `needs` (directly or through other steps)"
+                ))
+                .help(format!(
+                    "add `needs: [{id}]` to step `{}` so `{id}` has finished when it runs",
+                    reader.id
+                )),
+            );
         }
         if field != Some("outputs") {
             return None;
         }
         let output = output?;
         let declared: Vec<&str> = match &target.uses {
-            Some(a) => self.ssot.automations.automations.get(a).map(|a| a.outputs.keys().map(String::as_str).collect())?,
+            Some(a) => self
+                .ssot
+                .automations
+                .automations
+                .get(a)
+                .map(|a| a.outputs.keys().map(String::as_str).collect())?,
             None => target.outputs.keys().map(String::as_str).collect(),
         };
         if declared.contains(&output) {
@@ -311,7 +386,11 @@ fn depends_on(steps: &[Step], from: &str, on: &str) -> bool {
         if !seen.insert(id) {
             continue;
         }
-        for need in by_id.get(id).map(|s| s.needs.as_slice()).unwrap_or_default() {
+        for need in by_id
+            .get(id)
+            .map(|s| s.needs.as_slice())
+            .unwrap_or_default()
+        {
             if need == on {
                 return true;
             }
@@ -322,7 +401,10 @@ fn depends_on(steps: &[Step], from: &str, on: &str) -> bool {
 }
 
 fn segments(ptr: &str) -> Vec<String> {
-    ptr.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~")).collect()
+    ptr.split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
 }
 
 fn plural(n: usize) -> &'static str {
@@ -330,5 +412,9 @@ fn plural(n: usize) -> &'static str {
 }
 
 fn quote_list(items: &[&str]) -> String {
-    items.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|i| format!("`{i}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -3,8 +3,6 @@
 //! This crate provides the kind's complete spec, its pure validation and an example.
 //! Execution is not implemented yet: [`DockerRunnerKind::build`] returns an
 //! `Unsupported` error, so a configuration that uses the kind validates but cannot run.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 use std::fmt;
 use std::sync::Arc;
@@ -135,7 +133,8 @@ impl ComponentKind for DockerRunnerKind {
     type Trait = dyn Runner;
     type Spec = DockerSpec;
     const KIND: &'static str = DOCKER_KIND;
-    const DESCRIPTION: &'static str = "runs steps in containers on a Docker host (execution not implemented yet)";
+    const DESCRIPTION: &'static str =
+        "runs steps in containers on a Docker host (execution not implemented yet)";
 
     fn example() -> DockerSpec {
         DockerSpec {
@@ -149,8 +148,16 @@ impl ComponentKind for DockerRunnerKind {
                     target: "/workspace/artifacts".to_owned(),
                     read_only: false,
                 },
-                Mount { source: "cargo-cache".to_owned(), target: "/usr/local/cargo/registry".to_owned(), read_only: false },
-                Mount { source: "/etc/ssl/certs".to_owned(), target: "/etc/ssl/certs".to_owned(), read_only: true },
+                Mount {
+                    source: "cargo-cache".to_owned(),
+                    target: "/usr/local/cargo/registry".to_owned(),
+                    read_only: false,
+                },
+                Mount {
+                    source: "/etc/ssl/certs".to_owned(),
+                    target: "/etc/ssl/certs".to_owned(),
+                    read_only: true,
+                },
             ],
             memory: Some("2g".to_owned()),
             cpus: Some(2.0),
@@ -168,19 +175,21 @@ impl ComponentKind for DockerRunnerKind {
         if let Some(problem) = image_problem(&spec.image) {
             issues.push(SpecIssue::new(&["image"], problem));
         }
-        if let Some(entrypoint) = &spec.entrypoint {
-            if entrypoint.first().is_none_or(|program| program.trim().is_empty()) {
-                issues.push(SpecIssue::new(
+        if let Some(entrypoint) = &spec.entrypoint
+            && entrypoint
+                .first()
+                .is_none_or(|program| program.trim().is_empty())
+        {
+            issues.push(SpecIssue::new(
                     &["entrypoint"],
                     "the entrypoint is empty; give the program first (`[\"/bin/sh\", \"-c\"]`) or remove it",
                 ));
-            }
         }
         for (field, value) in [("user", &spec.user), ("network", &spec.network)] {
-            if let Some(value) = value.as_deref().filter(|v| !is_template(v)) {
-                if value.is_empty() || value.chars().any(char::is_whitespace) {
-                    issues.push(SpecIssue::new(&[field], format!("`{value}` is not a valid {field}: it must be a non-empty name without spaces")));
-                }
+            if let Some(value) = value.as_deref().filter(|v| !is_template(v))
+                && (value.is_empty() || value.chars().any(char::is_whitespace))
+            {
+                issues.push(SpecIssue::new(&[field], format!("`{value}` is not a valid {field}: it must be a non-empty name without spaces")));
             }
         }
         let mut targets: Vec<&str> = Vec::new();
@@ -193,10 +202,16 @@ impl ComponentKind for DockerRunnerKind {
                 if !mount.target.starts_with('/') {
                     issues.push(SpecIssue::new(
                         &["mounts", &index, "target"],
-                        format!("mount target `{}` must be an absolute path inside the container", mount.target),
+                        format!(
+                            "mount target `{}` must be an absolute path inside the container",
+                            mount.target
+                        ),
                     ));
                 } else if mount.target.trim_end_matches('/').is_empty() {
-                    issues.push(SpecIssue::new(&["mounts", &index, "target"], "a mount cannot replace the container's root `/`"));
+                    issues.push(SpecIssue::new(
+                        &["mounts", &index, "target"],
+                        "a mount cannot replace the container's root `/`",
+                    ));
                 } else if targets.contains(&mount.target.as_str()) {
                     issues.push(SpecIssue::new(
                         &["mounts", &index, "target"],
@@ -219,19 +234,29 @@ impl ComponentKind for DockerRunnerKind {
                 Some(_) => {}
             }
         }
-        if let Some(cpus) = spec.cpus {
-            if !(cpus.is_finite() && cpus > 0.0) {
-                issues.push(SpecIssue::new(&["cpus"], format!("`{cpus}` CPUs is not a limit: give a number above 0, such as `0.5` or `2`")));
-            }
+        if let Some(cpus) = spec.cpus
+            && !(cpus.is_finite() && cpus > 0.0)
+        {
+            issues.push(SpecIssue::new(
+                &["cpus"],
+                format!(
+                    "`{cpus}` CPUs is not a limit: give a number above 0, such as `0.5` or `2`"
+                ),
+            ));
         }
-        if let Some(host) = spec.host.as_deref().filter(|h| !is_template(h)) {
-            if let Some(problem) = host_problem(host) {
-                issues.push(SpecIssue::new(&["host"], problem));
-            }
+        if let Some(host) = spec.host.as_deref().filter(|h| !is_template(h))
+            && let Some(problem) = host_problem(host)
+        {
+            issues.push(SpecIssue::new(&["host"], problem));
         }
         for name in spec.labels.keys().filter(|k| !is_template(k)) {
             if name.is_empty() || name.chars().any(char::is_whitespace) {
-                issues.push(SpecIssue::new(&["labels", name], format!("`{name}` is not a valid label name: it must be non-empty, without spaces")));
+                issues.push(SpecIssue::new(
+                    &["labels", name],
+                    format!(
+                        "`{name}` is not a valid label name: it must be non-empty, without spaces"
+                    ),
+                ));
             }
         }
         for name in spec.env.keys().filter(|k| !is_template(k)) {
@@ -242,17 +267,23 @@ impl ComponentKind for DockerRunnerKind {
                 ));
             }
         }
-        if let Some(dir) = spec.working_dir.as_deref().filter(|d| !is_template(d)) {
-            if !dir.starts_with('/') {
-                issues.push(SpecIssue::new(&["working_dir"], format!("`{dir}` must be an absolute path inside the container")));
-            }
+        if let Some(dir) = spec.working_dir.as_deref().filter(|d| !is_template(d))
+            && !dir.starts_with('/')
+        {
+            issues.push(SpecIssue::new(
+                &["working_dir"],
+                format!("`{dir}` must be an absolute path inside the container"),
+            ));
         }
         issues
     }
 
     fn build(_spec: DockerSpec) -> Result<Arc<dyn Runner>> {
-        Err(Error::new(ErrorKind::Unsupported, "the docker runner's execution is not implemented yet; its spec is validated")
-            .with_operation("runner.build"))
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "the docker runner's execution is not implemented yet; its spec is validated",
+        )
+        .with_operation("runner.build"))
     }
 }
 
@@ -275,25 +306,31 @@ fn image_problem(image: &str) -> Option<String> {
         return Some("the image is empty; name one such as `alpine:3.20`".to_owned());
     }
     if image.chars().any(char::is_whitespace) || image.starts_with(['-', '/', ':', '@']) {
-        return Some(format!("`{image}` is not an image reference: expected `[registry/]name[:tag][@digest]`"));
+        return Some(format!(
+            "`{image}` is not an image reference: expected `[registry/]name[:tag][@digest]`"
+        ));
     }
     let (name, digest) = match image.split_once('@') {
         Some((name, digest)) => (name, Some(digest)),
         None => (image, None),
     };
     if let Some(digest) = digest {
-        let valid = digest
-            .split_once(':')
-            .is_some_and(|(algorithm, hex)| !algorithm.is_empty() && hex.len() >= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        let valid = digest.split_once(':').is_some_and(|(algorithm, hex)| {
+            !algorithm.is_empty() && hex.len() >= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        });
         if !valid {
-            return Some(format!("`{image}` has an invalid digest: expected `@sha256:` and the hexadecimal digest"));
+            return Some(format!(
+                "`{image}` has an invalid digest: expected `@sha256:` and the hexadecimal digest"
+            ));
         }
     }
     // A tag is after the last `:` that follows the last `/` (a registry may have a port).
     let path = match name.rsplit_once(':') {
         Some((path, tag)) if !tag.contains('/') => {
             if tag.is_empty() {
-                return Some(format!("`{image}` has an empty tag: remove the `:` or give a tag"));
+                return Some(format!(
+                    "`{image}` has an empty tag: remove the `:` or give a tag"
+                ));
             }
             path
         }
@@ -307,8 +344,13 @@ fn image_problem(image: &str) -> Option<String> {
     if components.iter().any(|c| c.is_empty()) {
         return Some(format!("`{image}` has an empty path component"));
     }
-    if components.iter().any(|c| c.chars().any(|ch| ch.is_ascii_uppercase())) {
-        return Some(format!("`{image}`: an image's repository name must be lowercase"));
+    if components
+        .iter()
+        .any(|c| c.chars().any(|ch| ch.is_ascii_uppercase()))
+    {
+        return Some(format!(
+            "`{image}`: an image's repository name must be lowercase"
+        ));
     }
     None
 }
@@ -319,11 +361,15 @@ fn mount_source_problem(source: &str) -> Option<String> {
         return None;
     }
     if source.is_empty() {
-        return Some("the mount source is empty; give an absolute host path or a volume name".to_owned());
+        return Some(
+            "the mount source is empty; give an absolute host path or a volume name".to_owned(),
+        );
     }
     let volume_name = source.len() >= 2
         && source.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && source.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && source
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if volume_name {
         None
     } else {
@@ -336,7 +382,9 @@ fn mount_source_problem(source: &str) -> Option<String> {
 /// A Docker memory size (`512m`, `1g`, `1.5g`, `1024k`, `536870912`, `512MiB`) in bytes.
 fn parse_memory(text: &str) -> Option<u64> {
     let text = text.trim();
-    let digits_end = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let digits_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
     let number: f64 = number.parse().ok()?;
     let unit = unit.trim_start().to_ascii_lowercase();
@@ -362,7 +410,9 @@ fn host_problem(host: &str) -> Option<String> {
             "`{host}` is not a Docker host address: it must start with unix://, tcp://, ssh:// or npipe:// (such as `unix:///var/run/docker.sock` or `tcp://build-host:2376`)"
         )),
         Some(scheme) if host.len() == scheme.len() || host.chars().any(char::is_whitespace) => {
-            Some(format!("`{host}` is not a Docker host address: give the socket path or host after `{scheme}`"))
+            Some(format!(
+                "`{host}` is not a Docker host address: give the socket path or host after `{scheme}`"
+            ))
         }
         Some(_) => None,
     }
@@ -374,13 +424,17 @@ mod tests {
 
     fn issues(value: serde_json::Value) -> Vec<String> {
         let spec: DockerSpec = serde_json::from_value(value).unwrap();
-        DockerRunnerKind::validate(&spec).into_iter().map(|i| format!("{}: {}", i.path.join("."), i.message)).collect()
+        DockerRunnerKind::validate(&spec)
+            .into_iter()
+            .map(|i| format!("{}: {}", i.path.join("."), i.message))
+            .collect()
     }
 
     #[test]
     fn example_validates_clean_and_defaults_apply() {
         assert!(DockerRunnerKind::validate(&DockerRunnerKind::example()).is_empty());
-        let minimal: DockerSpec = serde_json::from_value(serde_json::json!({"image": "alpine:3.20"})).unwrap();
+        let minimal: DockerSpec =
+            serde_json::from_value(serde_json::json!({"image": "alpine:3.20"})).unwrap();
         assert_eq!(minimal.pull, PullPolicy::IfMissing);
         assert!(minimal.remove);
         assert!(DockerRunnerKind::validate(&minimal).is_empty());
@@ -404,7 +458,17 @@ mod tests {
         let paths: Vec<_> = found.iter().map(|i| i.split(':').next().unwrap()).collect();
         assert_eq!(
             paths,
-            ["image", "entrypoint", "mounts.0.source", "mounts.0.target", "mounts.2.target", "memory", "cpus", "host", "working_dir"],
+            [
+                "image",
+                "entrypoint",
+                "mounts.0.source",
+                "mounts.0.target",
+                "mounts.2.target",
+                "memory",
+                "cpus",
+                "host",
+                "working_dir"
+            ],
             "{found:#?}"
         );
     }
@@ -418,7 +482,10 @@ mod tests {
         assert_eq!(parse_memory("1048576"), Some(1 << 20));
         assert_eq!(parse_memory("m"), None);
         assert_eq!(parse_memory("1q"), None);
-        assert_eq!(issues(serde_json::json!({"image": "a", "memory": "4m"})).len(), 1);
+        assert_eq!(
+            issues(serde_json::json!({"image": "a", "memory": "4m"})).len(),
+            1
+        );
     }
 
     #[test]
@@ -434,7 +501,14 @@ mod tests {
 
     #[test]
     fn image_references() {
-        for good in ["alpine", "alpine:3.20", "localhost:5000/app", "ghcr.io/org/app:v1", "REGISTRY.io/app:TAG", "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"] {
+        for good in [
+            "alpine",
+            "alpine:3.20",
+            "localhost:5000/app",
+            "ghcr.io/org/app:v1",
+            "REGISTRY.io/app:TAG",
+            "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
             assert_eq!(image_problem(good), None, "{good}");
         }
         for bad in ["", "app:", "My/App", "a b", "app@md5", "-app", "a//b"] {
@@ -444,12 +518,17 @@ mod tests {
 
     #[test]
     fn build_is_unsupported_and_debug_hides_env_values() {
-        let err = DockerRunnerKind::build(DockerRunnerKind::example()).err().unwrap();
+        let err = DockerRunnerKind::build(DockerRunnerKind::example())
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert_eq!(err.operation(), "runner.build");
         let mut spec = DockerRunnerKind::example();
         spec.env.insert("TOKEN".to_owned(), "hunter2".to_owned());
         let shown = format!("{spec:?}");
-        assert!(shown.contains("TOKEN") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("TOKEN") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }

@@ -3,8 +3,6 @@
 //! This crate provides the kind's complete spec, its pure validation and an example.
 //! Execution is not implemented yet: [`KubernetesRunnerKind::build`] returns an
 //! `Unsupported` error, so a configuration that uses the kind validates but cannot run.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -192,7 +190,8 @@ impl ComponentKind for KubernetesRunnerKind {
     type Trait = dyn Runner;
     type Spec = KubernetesSpec;
     const KIND: &'static str = KUBERNETES_KIND;
-    const DESCRIPTION: &'static str = "runs steps as Kubernetes Jobs (execution not implemented yet)";
+    const DESCRIPTION: &'static str =
+        "runs steps as Kubernetes Jobs (execution not implemented yet)";
 
     fn example() -> KubernetesSpec {
         let quantity = |q: &str| Some(Quantity(q.to_owned()));
@@ -203,8 +202,14 @@ impl ComponentKind for KubernetesRunnerKind {
             kubeconfig: None,
             service_account: Some("nexus-runner".to_owned()),
             resources: Some(Resources {
-                requests: Some(ResourceList { cpu: quantity("500m"), memory: quantity("512Mi") }),
-                limits: Some(ResourceList { cpu: quantity("2"), memory: quantity("2Gi") }),
+                requests: Some(ResourceList {
+                    cpu: quantity("500m"),
+                    memory: quantity("512Mi"),
+                }),
+                limits: Some(ResourceList {
+                    cpu: quantity("2"),
+                    memory: quantity("2Gi"),
+                }),
             }),
             node_selector: Map::from_iter([("kubernetes.io/arch".to_owned(), "amd64".to_owned())]),
             tolerations: vec![Toleration {
@@ -214,7 +219,10 @@ impl ComponentKind for KubernetesRunnerKind {
                 effect: Some(TaintEffect::NoSchedule),
                 toleration_seconds: None,
             }],
-            labels: Map::from_iter([("app.kubernetes.io/part-of".to_owned(), "platform".to_owned())]),
+            labels: Map::from_iter([(
+                "app.kubernetes.io/part-of".to_owned(),
+                "platform".to_owned(),
+            )]),
             ttl_seconds_after_finished: Some(3600),
             image_pull_policy: Some(ImagePullPolicy::IfNotPresent),
         }
@@ -223,24 +231,41 @@ impl ComponentKind for KubernetesRunnerKind {
     fn validate(spec: &KubernetesSpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
         if let Some(problem) = dns_label_problem(&spec.namespace) {
-            issues.push(SpecIssue::new(&["namespace"], format!("namespace {problem}")));
+            issues.push(SpecIssue::new(
+                &["namespace"],
+                format!("namespace {problem}"),
+            ));
         }
-        if let Some(account) = &spec.service_account {
-            if let Some(problem) = dns_subdomain_problem(account) {
-                issues.push(SpecIssue::new(&["service_account"], format!("service account {problem}")));
-            }
+        if let Some(account) = &spec.service_account
+            && let Some(problem) = dns_subdomain_problem(account)
+        {
+            issues.push(SpecIssue::new(
+                &["service_account"],
+                format!("service account {problem}"),
+            ));
         }
-        for (field, value) in [("image", &spec.image), ("context", &spec.context), ("kubeconfig", &spec.kubeconfig)] {
-            if let Some(value) = value.as_deref().filter(|v| !is_template(v)) {
-                if value.trim().is_empty() || (field == "image" && value.chars().any(char::is_whitespace)) {
-                    issues.push(SpecIssue::new(&[field], format!("`{value}` is not a valid {field}; remove it or give one")));
-                }
+        for (field, value) in [
+            ("image", &spec.image),
+            ("context", &spec.context),
+            ("kubeconfig", &spec.kubeconfig),
+        ] {
+            if let Some(value) = value.as_deref().filter(|v| !is_template(v))
+                && (value.trim().is_empty()
+                    || (field == "image" && value.chars().any(char::is_whitespace)))
+            {
+                issues.push(SpecIssue::new(
+                    &[field],
+                    format!("`{value}` is not a valid {field}; remove it or give one"),
+                ));
             }
         }
         if let Some(resources) = &spec.resources {
             check_resources(resources, &mut issues);
         }
-        for (field, map) in [("node_selector", &spec.node_selector), ("labels", &spec.labels)] {
+        for (field, map) in [
+            ("node_selector", &spec.node_selector),
+            ("labels", &spec.labels),
+        ] {
             for (key, value) in map {
                 if let Some(problem) = label_key_problem(key) {
                     issues.push(SpecIssue::new(&[field, key], problem));
@@ -257,8 +282,11 @@ impl ComponentKind for KubernetesRunnerKind {
     }
 
     fn build(_spec: KubernetesSpec) -> Result<Arc<dyn Runner>> {
-        Err(Error::new(ErrorKind::Unsupported, "the kubernetes runner's execution is not implemented yet; its spec is validated")
-            .with_operation("runner.build"))
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "the kubernetes runner's execution is not implemented yet; its spec is validated",
+        )
+        .with_operation("runner.build"))
     }
 }
 
@@ -274,10 +302,23 @@ fn is_template(value: &str) -> bool {
 
 fn check_resources(resources: &Resources, issues: &mut Vec<SpecIssue>) {
     let mut parsed = [[None; 2]; 2]; // [requests, limits] × [cpu, memory]
-    for (which, list) in [("requests", &resources.requests), ("limits", &resources.limits)].into_iter().enumerate() {
-        let (section, Some(list)) = list else { continue };
-        for (what, quantity) in [("cpu", &list.cpu), ("memory", &list.memory)].into_iter().enumerate() {
-            let (resource, Some(Quantity(text))) = quantity else { continue };
+    for (which, list) in [
+        ("requests", &resources.requests),
+        ("limits", &resources.limits),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (section, Some(list)) = list else {
+            continue;
+        };
+        for (what, quantity) in [("cpu", &list.cpu), ("memory", &list.memory)]
+            .into_iter()
+            .enumerate()
+        {
+            let (resource, Some(Quantity(text))) = quantity else {
+                continue;
+            };
             if is_template(text) {
                 continue;
             }
@@ -298,13 +339,13 @@ fn check_resources(resources: &Resources, issues: &mut Vec<SpecIssue>) {
         }
     }
     for (what, resource) in ["cpu", "memory"].into_iter().enumerate() {
-        if let (Some(request), Some(limit)) = (parsed[0][what], parsed[1][what]) {
-            if request > limit {
-                issues.push(SpecIssue::new(
-                    &["resources", "requests", resource],
-                    format!("the {resource} request is above its limit; Kubernetes refuses such a pod"),
-                ));
-            }
+        if let (Some(request), Some(limit)) = (parsed[0][what], parsed[1][what])
+            && request > limit
+        {
+            issues.push(SpecIssue::new(
+                &["resources", "requests", resource],
+                format!("the {resource} request is above its limit; Kubernetes refuses such a pod"),
+            ));
         }
     }
 }
@@ -325,7 +366,8 @@ fn check_toleration(index: &str, toleration: &Toleration, issues: &mut Vec<SpecI
     if let Some(problem) = key.and_then(label_key_problem) {
         issues.push(SpecIssue::new(&["tolerations", index, "key"], problem));
     }
-    if toleration.toleration_seconds.is_some() && toleration.effect != Some(TaintEffect::NoExecute) {
+    if toleration.toleration_seconds.is_some() && toleration.effect != Some(TaintEffect::NoExecute)
+    {
         issues.push(SpecIssue::new(
             &["tolerations", index, "toleration_seconds"],
             "`toleration_seconds` applies only to effect `NoExecute`",
@@ -364,7 +406,12 @@ fn parse_quantity(text: &str) -> Option<f64> {
         exponent => {
             let digits = exponent.strip_prefix(['e', 'E'])?;
             let digits = digits.strip_prefix('+').unwrap_or(digits);
-            if digits.is_empty() || !digits.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
+            if digits.is_empty()
+                || !digits
+                    .trim_start_matches('-')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            {
                 return None;
             }
             10f64.powi(digits.parse().ok()?)
@@ -397,7 +444,11 @@ fn dns_subdomain_problem(name: &str) -> Option<String> {
     if is_template(name) {
         return None;
     }
-    let valid = !name.is_empty() && name.len() <= 253 && name.split('.').all(|label| dns_label_problem(label).is_none());
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|label| dns_label_problem(label).is_none());
     (!valid).then(|| {
         format!("`{name}` is not a valid name: lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit")
     })
@@ -408,7 +459,9 @@ fn dns_subdomain_problem(name: &str) -> Option<String> {
 fn label_name_valid(name: &str) -> bool {
     let alnum = |c: char| c.is_ascii_alphanumeric();
     name.len() <= 63
-        && name.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
         && (name.is_empty() || name.starts_with(alnum) && name.ends_with(alnum))
 }
 
@@ -421,7 +474,9 @@ fn label_key_problem(key: &str) -> Option<String> {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    let valid = !name.is_empty() && label_name_valid(name) && prefix.is_none_or(|p| dns_subdomain_problem(p).is_none());
+    let valid = !name.is_empty()
+        && label_name_valid(name)
+        && prefix.is_none_or(|p| dns_subdomain_problem(p).is_none());
     (!valid).then(|| {
         format!("`{key}` is not a valid label key: `[prefix/]name`, the name at most 63 letters, digits, `-`, `_` and `.`, the prefix a DNS name")
     })
@@ -440,11 +495,17 @@ mod tests {
 
     fn issues(value: serde_json::Value) -> Vec<String> {
         let spec: KubernetesSpec = serde_json::from_value(value).unwrap();
-        KubernetesRunnerKind::validate(&spec).into_iter().map(|i| format!("{} | {}", i.path.join("."), i.message)).collect()
+        KubernetesRunnerKind::validate(&spec)
+            .into_iter()
+            .map(|i| format!("{} | {}", i.path.join("."), i.message))
+            .collect()
     }
 
     fn paths(found: &[String]) -> Vec<&str> {
-        found.iter().map(|i| i.split(" | ").next().unwrap()).collect()
+        found
+            .iter()
+            .map(|i| i.split(" | ").next().unwrap())
+            .collect()
     }
 
     #[test]
@@ -500,9 +561,14 @@ mod tests {
         for bad in ["", "Mi", "1.2.3", "12MB", "1e", "ten"] {
             assert_eq!(parse_quantity(bad), None, "{bad}");
         }
-        let numbers: KubernetesSpec =
-            serde_json::from_value(serde_json::json!({"resources": {"limits": {"cpu": 1.5, "memory": 1073741824}}})).unwrap();
-        assert_eq!(numbers.resources.unwrap().limits.unwrap().cpu, Some(Quantity("1.5".to_owned())));
+        let numbers: KubernetesSpec = serde_json::from_value(
+            serde_json::json!({"resources": {"limits": {"cpu": 1.5, "memory": 1073741824}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            numbers.resources.unwrap().limits.unwrap().cpu,
+            Some(Quantity("1.5".to_owned()))
+        );
     }
 
     #[test]
@@ -517,7 +583,9 @@ mod tests {
 
     #[test]
     fn build_is_unsupported() {
-        let err = KubernetesRunnerKind::build(KubernetesRunnerKind::example()).err().unwrap();
+        let err = KubernetesRunnerKind::build(KubernetesRunnerKind::example())
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert_eq!(err.operation(), "runner.build");
     }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI: everything, from a fresh checkout.
+#
+#   scripts/test.sh
+#
+# 1. formatting and lints (cargo fmt --check, clippy -D warnings);
+# 2. every test of the workspace, including the `#[ignore = "needs …"]` ones
+#    (tests that need a real service; scripts/test-env.sh will install and start
+#    those services once a crate needs one — today none does);
+# 3. the front door: the committed JSON Schemas are fresh and the example platform
+#    validates.
+# Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ -x scripts/test-env.sh ]; then
+  step "starting test services"
+  # shellcheck source=/dev/null
+  source scripts/test-env.sh
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test --workspace (including ignored tests)"
+cargo test --workspace --quiet -- --include-ignored
+
+step "nexus schema --check"
+cargo run --quiet -p nexus-cli -- schema --check
+
+step "nexus validate (example platform)"
+cargo run --quiet -p nexus-cli -- validate --config config/ssot
+
+step "all checks passed"
