@@ -19,14 +19,7 @@ pub fn register(catalog: &mut Catalog) -> Result<()> {
     Ok(())
 }
 
-#[cfg(all(
-    test,
-    feature = "http",
-    feature = "postgres",
-    feature = "redis",
-    feature = "s3",
-    feature = "prometheus"
-))]
+#[cfg(all(test, feature = "http", feature = "postgres", feature = "redis", feature = "s3", feature = "prometheus"))]
 mod tests {
     use super::*;
 
@@ -34,28 +27,14 @@ mod tests {
     fn registers_every_kind_with_a_valid_example() {
         let mut catalog = Catalog::new();
         register(&mut catalog).unwrap();
-        assert_eq!(
-            catalog.services.names().collect::<Vec<_>>(),
-            ["http", "postgres", "redis", "s3"]
-        );
+        assert_eq!(catalog.services.names().collect::<Vec<_>>(), ["http", "postgres", "redis", "s3"]);
         assert_eq!(catalog.monitors.names().collect::<Vec<_>>(), ["prometheus"]);
         for kind in catalog.services.iter() {
-            assert!(
-                kind.validate(&kind.example).is_empty(),
-                "the example of `{}` is invalid",
-                kind.kind
-            );
+            assert!(kind.validate(&kind.example).is_empty(), "the example of `{}` is invalid", kind.kind);
         }
         for kind in catalog.monitors.iter() {
-            assert!(
-                kind.validate(&kind.example).is_empty(),
-                "the example of `{}` is invalid",
-                kind.kind
-            );
+            assert!(kind.validate(&kind.example).is_empty(), "the example of `{}` is invalid", kind.kind);
         }
-        assert!(
-            register(&mut catalog).is_err(),
-            "a second registration must clash"
-        );
+        assert!(register(&mut catalog).is_err(), "a second registration must clash");
     }
 }

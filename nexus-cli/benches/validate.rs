@@ -17,10 +17,7 @@ use nexus_core::validate::{Options, validate_dir};
 const RUNS: usize = 15;
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
     let example = root.join("config/ssot");
     let large = std::env::temp_dir().join(format!("nexus-bench-large-{}", std::process::id()));
     generate_large(&large, 1000, 200, 20);
@@ -31,16 +28,9 @@ fn main() {
     nexus_adapters::register(&mut catalog).expect("adapters");
     nexus_notify::register(&mut catalog).expect("notifiers");
 
-    for (name, dir) in [
-        ("example config/ssot", &example),
-        ("large (1000 automations, 200x20 steps)", &large),
-    ] {
+    for (name, dir) in [("example config/ssot", &example), ("large (1000 automations, 200x20 steps)", &large)] {
         let check = validate_dir(dir, &catalog, &Options::default());
-        assert!(
-            !check.report.has_errors(),
-            "{name} must be valid: {:#?}",
-            check.report.diagnostics.first()
-        );
+        assert!(!check.report.has_errors(), "{name} must be valid: {:#?}", check.report.diagnostics.first());
         let lib = measure(|| {
             let v = validate_dir(dir, &catalog, &Options::default());
             std::hint::black_box(v.report.error_count());
@@ -59,17 +49,12 @@ fn main() {
             report(&format!("nexus validate {name}"), &process);
         }
     }
-    let size: u64 = std::fs::read_dir(&large)
-        .expect("dir")
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    println!(
-        "large configuration: {} KiB in {}",
-        size / 1024,
-        large.display()
-    );
-    let _ = std::fs::remove_dir_all(&large);
+    let size: u64 =
+        std::fs::read_dir(&large).expect("dir").filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    println!("large configuration: {} KiB in {}", size / 1024, large.display());
+    if std::env::var_os("KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&large);
+    }
 }
 
 fn measure(mut f: impl FnMut()) -> Vec<Duration> {
@@ -98,8 +83,7 @@ fn report(name: &str, times: &[Duration]) {
 
 /// The release `nexus` binary next to this bench's target directory, if built.
 fn nexus_binary(root: &Path) -> Option<PathBuf> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let path = target.join("release/nexus");
     if path.exists() {
         Some(path)
@@ -160,17 +144,11 @@ pub fn generate_large(dir: &Path, automations: usize, pipelines: usize, steps: u
         "version: 1\ndefaults:\n  environment: dev\n  pipeline: pipe-0\n  runner: runner-0\nenvironments:\n",
     );
     for env in ["dev", "staging", "prod"] {
-        let _ = write!(
-            o,
-            "  {env}:\n    vars:\n      host: {env}.example.internal\n"
-        );
+        let _ = write!(o, "  {env}:\n    vars:\n      host: {env}.example.internal\n");
     }
     o.push_str("runners:\n");
     for r in 0..3 {
-        let _ = write!(
-            o,
-            "  runner-{r}:\n    kind: local\n    spec:\n      shell: sh\n"
-        );
+        let _ = write!(o, "  runner-{r}:\n    kind: local\n    spec:\n      shell: sh\n");
     }
     o.push_str("locks:\n");
     for l in 0..3 {

@@ -6,26 +6,11 @@ use nexus_core::load::RegistryKind;
 
 /// The starter files, embedded in the binary.
 pub const STARTER: [(RegistryKind, &str); 5] = [
-    (
-        RegistryKind::Automation,
-        include_str!("../templates/init/automation_registry.yaml"),
-    ),
-    (
-        RegistryKind::Pipeline,
-        include_str!("../templates/init/pipeline_registry.yaml"),
-    ),
-    (
-        RegistryKind::Orchestration,
-        include_str!("../templates/init/orchestration_registry.yaml"),
-    ),
-    (
-        RegistryKind::Monitoring,
-        include_str!("../templates/init/monitoring_registry.yaml"),
-    ),
-    (
-        RegistryKind::Security,
-        include_str!("../templates/init/security_registry.yaml"),
-    ),
+    (RegistryKind::Automation, include_str!("../templates/init/automation_registry.yaml")),
+    (RegistryKind::Pipeline, include_str!("../templates/init/pipeline_registry.yaml")),
+    (RegistryKind::Orchestration, include_str!("../templates/init/orchestration_registry.yaml")),
+    (RegistryKind::Monitoring, include_str!("../templates/init/monitoring_registry.yaml")),
+    (RegistryKind::Security, include_str!("../templates/init/security_registry.yaml")),
 ];
 
 /// Writes the starter set into `dir`; refuses to overwrite unless `force`.
@@ -38,10 +23,7 @@ pub fn run(dir: &Path, force: bool) -> u8 {
             .map(|p| p.display().to_string())
             .collect();
         if !existing.is_empty() {
-            eprintln!(
-                "error: refusing to overwrite {}; pass --force to replace them",
-                existing.join(", ")
-            );
+            eprintln!("error: refusing to overwrite {}; pass --force to replace them", existing.join(", "));
             return crate::EXIT_INVALID;
         }
     }

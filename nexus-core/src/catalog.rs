@@ -27,10 +27,7 @@ pub struct SpecIssue {
 impl SpecIssue {
     /// An issue at `path` inside the spec.
     pub fn new(path: &[&str], message: impl Into<String>) -> Self {
-        SpecIssue {
-            path: path.iter().map(|s| (*s).to_owned()).collect(),
-            message: message.into(),
-        }
+        SpecIssue { path: path.iter().map(|s| (*s).to_owned()).collect(), message: message.into() }
     }
 }
 
@@ -117,22 +114,13 @@ impl<T: ?Sized + 'static> KindDescriptor<T> {
             spec_schema: crate::schema::inline_schema_for::<K::Spec>(),
             example: serde_json::to_value(K::example()).unwrap_or_default(),
             actions: K::ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
-            validate: Arc::new(
-                |value| match serde_json::from_value::<K::Spec>(value.clone()) {
-                    Ok(spec) => K::validate(&spec),
-                    Err(e) => vec![SpecIssue {
-                        path: Vec::new(),
-                        message: e.to_string(),
-                    }],
-                },
-            ),
+            validate: Arc::new(|value| match serde_json::from_value::<K::Spec>(value.clone()) {
+                Ok(spec) => K::validate(&spec),
+                Err(e) => vec![SpecIssue { path: Vec::new(), message: e.to_string() }],
+            }),
             build: Arc::new(|value| {
-                let spec = serde_json::from_value::<K::Spec>(value).map_err(|e| {
-                    Error::new(
-                        ErrorKind::InvalidConfig,
-                        format!("invalid `{}` spec: {e}", K::KIND),
-                    )
-                })?;
+                let spec = serde_json::from_value::<K::Spec>(value)
+                    .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("invalid `{}` spec: {e}", K::KIND)))?;
                 K::build(spec)
             }),
         }
@@ -181,10 +169,7 @@ pub struct Kinds<T: ?Sized> {
 
 impl<T: ?Sized + 'static> Kinds<T> {
     fn new(family: Family) -> Self {
-        Kinds {
-            family,
-            by_name: BTreeMap::new(),
-        }
+        Kinds { family, by_name: BTreeMap::new() }
     }
 
     /// Registers a kind; a second kind with the same name is refused, naming both origins.
@@ -366,11 +351,7 @@ mod tests {
             EchoSpec { word: "hi".into() }
         }
         fn validate(spec: &EchoSpec) -> Vec<SpecIssue> {
-            if spec.word.is_empty() {
-                vec![SpecIssue::new(&["word"], "empty")]
-            } else {
-                vec![]
-            }
+            if spec.word.is_empty() { vec![SpecIssue::new(&["word"], "empty")] } else { vec![] }
         }
         fn build(_: EchoSpec) -> Result<Arc<dyn Runner>> {
             Ok(Arc::new(Echo))
@@ -392,11 +373,7 @@ mod tests {
         let mut catalog = Catalog::new();
         catalog.runners.register_kind::<EchoKind>().unwrap();
         let err = catalog.runners.register_kind::<EchoKind>().unwrap_err();
-        assert!(
-            err.message()
-                .contains("from built-in clashes with the one from built-in"),
-            "{err}"
-        );
+        assert!(err.message().contains("from built-in clashes with the one from built-in"), "{err}");
     }
 
     #[test]
@@ -404,10 +381,7 @@ mod tests {
         let d = KindDescriptor::<dyn Runner>::of::<EchoKind>();
         assert_eq!(d.spec_schema["properties"]["word"]["type"], "string");
         assert!(d.validate(&serde_json::json!({"word": "x"})).is_empty());
-        assert_eq!(
-            d.validate(&serde_json::json!({"word": ""}))[0].path,
-            vec!["word"]
-        );
+        assert_eq!(d.validate(&serde_json::json!({"word": ""}))[0].path, vec!["word"]);
         assert_eq!(d.validate(&serde_json::json!({"wrd": "x"})).len(), 1);
         assert!(d.build(serde_json::json!({"word": "x"})).is_ok());
     }

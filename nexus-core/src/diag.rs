@@ -60,22 +60,12 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// An error without a location yet.
     pub fn error(code: &'static str, message: impl Into<String>) -> Self {
-        Diagnostic {
-            level: Level::Error,
-            code,
-            message: message.into(),
-            location: None,
-            expected: None,
-            help: None,
-        }
+        Diagnostic { level: Level::Error, code, message: message.into(), location: None, expected: None, help: None }
     }
 
     /// A warning without a location yet.
     pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
-        Diagnostic {
-            level: Level::Warning,
-            ..Diagnostic::error(code, message)
-        }
+        Diagnostic { level: Level::Warning, ..Diagnostic::error(code, message) }
     }
 
     /// Sets the location.
@@ -98,11 +88,7 @@ impl Diagnostic {
 
     /// Suggests a fix unless one is already given (such as a "did you mean").
     pub fn help_or(self, help: impl Into<String>) -> Self {
-        if self.help.is_some() {
-            self
-        } else {
-            self.help(help)
-        }
+        if self.help.is_some() { self } else { self.help(help) }
     }
 
     /// Adds `did you mean `x`?` when a near candidate exists.
@@ -133,29 +119,12 @@ impl Diagnostic {
         if let Some(loc) = &self.location {
             let number = loc.line.to_string();
             let pad = " ".repeat(number.len());
-            let _ = writeln!(
-                out,
-                "{pad}--> {}:{}:{}",
-                loc.file.display(),
-                loc.line,
-                loc.column
-            );
+            let _ = writeln!(out, "{pad}--> {}:{}:{}", loc.file.display(), loc.line, loc.column);
             let _ = writeln!(out, "{pad} |");
             let _ = writeln!(out, "{number} | {}", loc.snippet);
-            let before: String = loc
-                .snippet
-                .chars()
-                .take(loc.column.saturating_sub(1) as usize)
-                .collect();
-            let indent: String = before
-                .chars()
-                .map(|c| if c == '\t' { '\t' } else { ' ' })
-                .collect();
-            let rest = loc
-                .snippet
-                .chars()
-                .count()
-                .saturating_sub(before.chars().count());
+            let before: String = loc.snippet.chars().take(loc.column.saturating_sub(1) as usize).collect();
+            let indent: String = before.chars().map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
+            let rest = loc.snippet.chars().count().saturating_sub(before.chars().count());
             let width = loc.snippet[before.len().min(loc.snippet.len())..]
                 .char_indices()
                 .take_while(|(i, _)| *i < loc.length)
@@ -170,10 +139,7 @@ impl Diagnostic {
             let _ = writeln!(out, "  = expected: {expected}");
         }
         if let Some(help) = &self.help {
-            let pad = self
-                .location
-                .as_ref()
-                .map_or(1, |l| l.line.to_string().len());
+            let pad = self.location.as_ref().map_or(1, |l| l.line.to_string().len());
             let _ = writeln!(out, "{} = help: {help}", " ".repeat(pad));
         }
         out
@@ -204,10 +170,7 @@ impl Report {
 
     /// Number of errors.
     pub fn error_count(&self) -> usize {
-        self.diagnostics
-            .iter()
-            .filter(|d| d.level == Level::Error)
-            .count()
+        self.diagnostics.iter().filter(|d| d.level == Level::Error).count()
     }
 
     /// Whether there is at least one error.
@@ -218,11 +181,7 @@ impl Report {
     /// Sorts by file, line and column; removes exact duplicates.
     pub fn sort(&mut self) {
         self.diagnostics.sort_by(|a, b| {
-            let key = |d: &Diagnostic| {
-                d.location
-                    .as_ref()
-                    .map(|l| (l.file.clone(), l.line, l.column))
-            };
+            let key = |d: &Diagnostic| d.location.as_ref().map(|l| (l.file.clone(), l.line, l.column));
             key(a).cmp(&key(b)).then_with(|| a.message.cmp(&b.message))
         });
         self.diagnostics.dedup();

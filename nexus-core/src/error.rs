@@ -183,13 +183,8 @@ mod tests {
 
     #[test]
     fn display_is_one_line_with_context() {
-        let err = Error::new(ErrorKind::NotFound, "no such run")
-            .with_operation("show")
-            .with_context("run", "r-42");
-        assert_eq!(
-            err.to_string(),
-            "not_found (operation: show, run: r-42): no such run"
-        );
+        let err = Error::new(ErrorKind::NotFound, "no such run").with_operation("show").with_context("run", "r-42");
+        assert_eq!(err.to_string(), "not_found (operation: show, run: r-42): no such run");
         assert!(!err.is_retryable());
         assert!(Error::new(ErrorKind::Unavailable, "down").is_retryable());
     }

@@ -85,30 +85,18 @@ pub struct SourceFile {
 impl SourceFile {
     /// A source file from its text.
     pub fn new(path: PathBuf, text: Arc<str>) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        SourceFile {
-            path,
-            text,
-            line_starts,
-        }
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        SourceFile { path, text, line_starts }
     }
 
     /// The location of `span` (character columns converted to byte offsets).
     pub fn location(&self, span: Span) -> Location {
         let line_index = (span.start.line.max(1) as usize - 1).min(self.line_starts.len() - 1);
         let line_start = self.line_starts[line_index];
-        let line_end = self.text[line_start..]
-            .find('\n')
-            .map_or(self.text.len(), |i| line_start + i);
+        let line_end = self.text[line_start..].find('\n').map_or(self.text.len(), |i| line_start + i);
         let line_text = self.text[line_start..line_end].trim_end_matches('\r');
-        let byte_col = |col: u32| {
-            line_text
-                .char_indices()
-                .nth(col.saturating_sub(1) as usize)
-                .map_or(line_text.len(), |(i, _)| i)
-        };
+        let byte_col =
+            |col: u32| line_text.char_indices().nth(col.saturating_sub(1) as usize).map_or(line_text.len(), |(i, _)| i);
         let start = byte_col(span.start.col);
         let length = if span.end.line == span.start.line && span.end.col > span.start.col {
             byte_col(span.end.col) - start
@@ -127,20 +115,13 @@ impl SourceFile {
 
     /// The location of a byte offset (for errors that give offsets, such as UTF-8 errors).
     pub fn location_of_offset(&self, offset: usize) -> Location {
-        let line_index = self
-            .line_starts
-            .partition_point(|&s| s <= offset)
-            .saturating_sub(1);
+        let line_index = self.line_starts.partition_point(|&s| s <= offset).saturating_sub(1);
         let line_start = self.line_starts[line_index];
         let prefix =
-            String::from_utf8_lossy(&self.text.as_bytes()[line_start..offset.min(self.text.len())])
-                .into_owned();
+            String::from_utf8_lossy(&self.text.as_bytes()[line_start..offset.min(self.text.len())]).into_owned();
         let col = prefix.chars().count() as u32 + 1;
         let line = line_index as u32 + 1;
-        let span = Span {
-            start: yaml::Pos { line, col },
-            end: yaml::Pos { line, col: col + 1 },
-        };
+        let span = Span { start: yaml::Pos { line, col }, end: yaml::Pos { line, col: col + 1 } };
         self.location(span)
     }
 }
@@ -183,11 +164,7 @@ impl Sources {
         };
         let file_pointer = format!("{}{}", origin.file_pointer, &pointer[prefix.len()..]);
         let spans = &self.spans[origin.file];
-        let span = if key {
-            spans.key(&file_pointer)
-        } else {
-            spans.value(&file_pointer)
-        };
+        let span = if key { spans.key(&file_pointer) } else { spans.value(&file_pointer) };
         // An empty document has no node: point at its first line.
         let span = span.unwrap_or_default();
         Some(self.files[origin.file].location(span))
@@ -215,11 +192,8 @@ pub fn load_dir(dir: &Path) -> (Sources, Vec<RegistryDoc>, Vec<Diagnostic>) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
             diags.push(
-                Diagnostic::error(
-                    "nexus::config_dir",
-                    format!("`{}` is not a directory", dir.display()),
-                )
-                .help("pass the directory holding the five registry files with `--config DIR`"),
+                Diagnostic::error("nexus::config_dir", format!("`{}` is not a directory", dir.display()))
+                    .help("pass the directory holding the five registry files with `--config DIR`"),
             );
             return (sources, docs, diags);
         }
@@ -231,10 +205,33 @@ pub fn load_dir(dir: &Path) -> (Sources, Vec<RegistryDoc>, Vec<Diagnostic>) {
             return (sources, docs, diags);
         }
     }
-    for kind in RegistryKind::ALL {
-        if let Some(doc) = load_registry(dir, kind, &mut sources, &mut diags) {
+    // The registries are independent until they are merged here, so they are read and
+    // parsed in parallel (parsing dominates the time of `nexus validate`).
+    let loaded: Vec<(Sources, Option<RegistryDoc>, Vec<Diagnostic>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = RegistryKind::ALL
+            .iter()
+            .map(|&kind| {
+                scope.spawn(move || {
+                    let mut own_sources = Sources::default();
+                    let mut own_diags = Vec::new();
+                    let doc = load_registry(dir, kind, &mut own_sources, &mut own_diags);
+                    (own_sources, doc, own_diags)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a registry loader panicked")).collect()
+    });
+    for (own_sources, doc, own_diags) in loaded {
+        let offset = sources.files.len();
+        sources.files.extend(own_sources.files);
+        sources.spans.extend(own_sources.spans);
+        if let Some(mut doc) = doc {
+            for origin in doc.origins.values_mut() {
+                origin.file += offset;
+            }
             docs.push(doc);
         }
+        diags.extend(own_diags);
     }
     (sources, docs, diags)
 }
@@ -258,27 +255,17 @@ fn load_registry(
     let main_exists = std::fs::symlink_metadata(&main_path).is_ok();
     if !main_exists && fragments.is_empty() {
         diags.push(
-            Diagnostic::error(
-                "nexus::missing_file",
-                format!("missing `{}` in `{}`", kind.file_name(), dir.display()),
-            )
-            .help(format!(
-                "create it (`nexus init DIR` writes a starter set), or split it into `{}.d/*.yaml`",
-                kind.stem()
-            )),
+            Diagnostic::error("nexus::missing_file", format!("missing `{}` in `{}`", kind.file_name(), dir.display()))
+                .help(format!(
+                    "create it (`nexus init DIR` writes a starter set), or split it into `{}.d/*.yaml`",
+                    kind.stem()
+                )),
         );
         return None;
     }
-    let mut doc = RegistryDoc {
-        kind,
-        value: Value::Object(Default::default()),
-        origins: HashMap::new(),
-    };
+    let mut doc = RegistryDoc { kind, value: Value::Object(Default::default()), origins: HashMap::new() };
     let mut ok = true;
-    let paths = main_exists
-        .then_some(main_path)
-        .into_iter()
-        .chain(fragments);
+    let paths = main_exists.then_some(main_path).into_iter().chain(fragments);
     for (index, path) in paths.enumerate() {
         let Some((file, value)) = read_file(&path, sources, diags) else {
             ok = false;
@@ -286,13 +273,7 @@ fn load_registry(
         };
         if index == 0 {
             doc.value = value;
-            doc.origins.insert(
-                String::new(),
-                Origin {
-                    file,
-                    file_pointer: String::new(),
-                },
-            );
+            doc.origins.insert(String::new(), Origin { file, file_pointer: String::new() });
         } else {
             merge(&mut doc, file, value, sources, diags);
         }
@@ -301,14 +282,8 @@ fn load_registry(
 }
 
 /// Reads and parses one file, reporting why it cannot be used.
-fn read_file(
-    path: &Path,
-    sources: &mut Sources,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<(usize, Value)> {
-    let bare = |message: String, help: &str| {
-        Diagnostic::error("nexus::unreadable_file", message).help(help.to_owned())
-    };
+fn read_file(path: &Path, sources: &mut Sources, diags: &mut Vec<Diagnostic>) -> Option<(usize, Value)> {
+    let bare = |message: String, help: &str| Diagnostic::error("nexus::unreadable_file", message).help(help.to_owned());
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {
@@ -321,10 +296,7 @@ fn read_file(
     };
     if meta.is_dir() {
         diags.push(bare(
-            format!(
-                "`{}` is a directory, but a registry file belongs here",
-                path.display()
-            ),
+            format!("`{}` is a directory, but a registry file belongs here", path.display()),
             "remove or rename the directory; fragments go in `<registry>.d/`",
         ));
         return None;
@@ -343,10 +315,7 @@ fn read_file(
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) => {
-            diags.push(bare(
-                format!("cannot read `{}`: {e}", path.display()),
-                "check the file's permissions",
-            ));
+            diags.push(bare(format!("cannot read `{}`: {e}", path.display()), "check the file's permissions"));
             return None;
         }
     };
@@ -359,13 +328,10 @@ fn read_file(
             // The lossy text has the same bytes up to the first invalid one.
             let location = file.location_of_offset(offset);
             diags.push(
-                Diagnostic::error(
-                    "nexus::not_utf8",
-                    format!("`{}` is not valid UTF-8", path.display()),
-                )
-                .at(Some(location))
-                .expected("UTF-8 text")
-                .help("save the file as UTF-8"),
+                Diagnostic::error("nexus::not_utf8", format!("`{}` is not valid UTF-8", path.display()))
+                    .at(Some(location))
+                    .expected("UTF-8 text")
+                    .help("save the file as UTF-8"),
             );
             return None;
         }
@@ -374,15 +340,10 @@ fn read_file(
     match yaml::parse(&text) {
         Ok((Value::Null, _)) => {
             diags.push(
-                Diagnostic::error(
-                    "nexus::empty_file",
-                    format!("`{}` is empty", path.display()),
-                )
-                .at(Some(sources.file_location(file)))
-                .expected("a mapping starting with `version: 1`")
-                .help(
-                    "write at least `version: 1`, or run `nexus init` for a commented starter file",
-                ),
+                Diagnostic::error("nexus::empty_file", format!("`{}` is empty", path.display()))
+                    .at(Some(sources.file_location(file)))
+                    .expected("a mapping starting with `version: 1`")
+                    .help("write at least `version: 1`, or run `nexus init` for a commented starter file"),
             );
             None
         }
@@ -391,13 +352,7 @@ fn read_file(
             Some((file, value))
         }
         Err(e) => {
-            let span = Span {
-                start: e.pos,
-                end: yaml::Pos {
-                    line: e.pos.line,
-                    col: e.pos.col + 1,
-                },
-            };
+            let span = Span { start: e.pos, end: yaml::Pos { line: e.pos.line, col: e.pos.col + 1 } };
             diags.push(
                 Diagnostic::error("nexus::yaml", e.message)
                     .at(Some(sources.files[file].location(span)))
@@ -409,13 +364,7 @@ fn read_file(
 }
 
 /// Merges a fragment into a registry.
-fn merge(
-    doc: &mut RegistryDoc,
-    file: usize,
-    value: Value,
-    sources: &Sources,
-    diags: &mut Vec<Diagnostic>,
-) {
+fn merge(doc: &mut RegistryDoc, file: usize, value: Value, sources: &Sources, diags: &mut Vec<Diagnostic>) {
     let Value::Object(fragment) = value else {
         diags.push(
             Diagnostic::error("nexus::type", "a registry fragment must be a mapping")
@@ -431,32 +380,19 @@ fn merge(
         let section_ptr = format!("/{}", escape_segment(&section));
         let here = |ptr: &str, key: bool| {
             let spans = &sources.spans[file];
-            let span = if key {
-                spans.key(ptr)
-            } else {
-                spans.value(ptr)
-            };
+            let span = if key { spans.key(ptr) } else { spans.value(ptr) };
             sources.files[file].location(span.unwrap_or_default())
         };
         match (target.get_mut(&section), part) {
-            (Some(Value::Number(existing)), Value::Number(new))
-                if section == "version" && *existing == new => {}
+            (Some(Value::Number(existing)), Value::Number(new)) if section == "version" && *existing == new => {}
             (None, part) => {
                 if section == "version" {
                     continue;
                 }
                 target.insert(section.clone(), part);
-                doc.origins.insert(
-                    section_ptr.clone(),
-                    Origin {
-                        file,
-                        file_pointer: section_ptr,
-                    },
-                );
+                doc.origins.insert(section_ptr.clone(), Origin { file, file_pointer: section_ptr });
             }
-            (Some(Value::Object(entries)), Value::Object(new_entries))
-                if is_named_section(&section) =>
-            {
+            (Some(Value::Object(entries)), Value::Object(new_entries)) if is_named_section(&section) => {
                 for (name, entry) in new_entries {
                     let entry_ptr = format!("{section_ptr}/{}", escape_segment(&name));
                     if entries.contains_key(&name) {
@@ -474,40 +410,29 @@ fn merge(
                             )
                             .at(Some(here(&entry_ptr, true)))
                             .expected("a name not used elsewhere in the registry")
-                            .help(format!(
-                                "it is also defined in {first}; rename or remove one of them"
-                            )),
+                            .help(format!("it is also defined in {first}; rename or remove one of them")),
                         );
                         continue;
                     }
                     entries.insert(name, entry);
-                    doc.origins.insert(
-                        entry_ptr.clone(),
-                        Origin {
-                            file,
-                            file_pointer: entry_ptr,
-                        },
-                    );
+                    doc.origins.insert(entry_ptr.clone(), Origin { file, file_pointer: entry_ptr });
                 }
             }
             (Some(Value::Array(items)), Value::Array(new_items)) => {
                 for (i, item) in new_items.into_iter().enumerate() {
                     let merged_ptr = format!("{section_ptr}/{}", items.len());
-                    doc.origins.insert(
-                        merged_ptr,
-                        Origin {
-                            file,
-                            file_pointer: format!("{section_ptr}/{i}"),
-                        },
-                    );
+                    doc.origins.insert(merged_ptr, Origin { file, file_pointer: format!("{section_ptr}/{i}") });
                     items.push(item);
                 }
             }
             (Some(_), _) => {
                 diags.push(
-                    Diagnostic::error("nexus::duplicate_section", format!("section `{section}` is set in more than one file"))
-                        .at(Some(here(&section_ptr, true)))
-                        .help("set it in one file only; only named entries and lists are merged across fragments"),
+                    Diagnostic::error(
+                        "nexus::duplicate_section",
+                        format!("section `{section}` is set in more than one file"),
+                    )
+                    .at(Some(here(&section_ptr, true)))
+                    .help("set it in one file only; only named entries and lists are merged across fragments"),
                 );
             }
         }
@@ -516,8 +441,5 @@ fn merge(
 
 /// Sections whose entries are merged by name across fragments.
 fn is_named_section(section: &str) -> bool {
-    !matches!(
-        section,
-        "defaults" | "limits" | "state" | "plugins" | "redaction" | "audit"
-    )
+    !matches!(section, "defaults" | "limits" | "state" | "plugins" | "redaction" | "audit")
 }

@@ -12,30 +12,22 @@ use serde_json::{Value, json};
 
 use crate::catalog::{Catalog, Family};
 use crate::load::RegistryKind;
-use crate::model::{
-    AutomationRegistry, MonitoringRegistry, OrchestrationRegistry, PipelineRegistry,
-    SecurityRegistry,
-};
+use crate::model::{AutomationRegistry, MonitoringRegistry, OrchestrationRegistry, PipelineRegistry, SecurityRegistry};
 
 /// Where, in each registry, entries are `{ kind, spec }` envelopes of a family.
 fn envelopes(kind: RegistryKind) -> &'static [(&'static str, Family)] {
     match kind {
         RegistryKind::Orchestration => &[("runners", Family::Runner)],
-        RegistryKind::Monitoring => &[
-            ("services", Family::Service),
-            ("monitors", Family::Monitor),
-            ("channels", Family::Notifier),
-        ],
+        RegistryKind::Monitoring => {
+            &[("services", Family::Service), ("monitors", Family::Monitor), ("channels", Family::Notifier)]
+        }
         _ => &[],
     }
 }
 
 /// The families whose envelopes live in `section` of `kind`'s registry, if any.
 pub fn envelope_family(kind: RegistryKind, section: &str) -> Option<Family> {
-    envelopes(kind)
-        .iter()
-        .find(|(s, _)| *s == section)
-        .map(|(_, f)| *f)
+    envelopes(kind).iter().find(|(s, _)| *s == section).map(|(_, f)| *f)
 }
 
 /// Generates the schema of `T` with every subschema inlined.
@@ -62,10 +54,7 @@ fn strip_null(node: Value) -> Value {
                 }
             }
             if let Some(Value::Array(branches)) = map.get("anyOf") {
-                let rest: Vec<&Value> = branches
-                    .iter()
-                    .filter(|b| b.get("type") != Some(&json!("null")))
-                    .collect();
+                let rest: Vec<&Value> = branches.iter().filter(|b| b.get("type") != Some(&json!("null"))).collect();
                 if rest.len() == 1
                     && branches.len() == 2
                     && let Value::Object(inner) = rest[0].clone()
@@ -92,10 +81,7 @@ pub fn registry_schema(kind: RegistryKind, catalog: &Catalog) -> Value {
         RegistryKind::Monitoring => inline_schema_for::<MonitoringRegistry>(),
         RegistryKind::Security => inline_schema_for::<SecurityRegistry>(),
     };
-    schema["$id"] = json!(format!(
-        "https://nexus.invalid/schemas/{}",
-        kind.schema_file_name()
-    ));
+    schema["$id"] = json!(format!("https://nexus.invalid/schemas/{}", kind.schema_file_name()));
     schema["title"] = json!(kind.file_name());
     schema["properties"]["version"]["const"] = json!(1);
     for (section, family) in envelopes(kind) {
@@ -138,11 +124,7 @@ fn without_meta(mut schema: Value) -> Value {
 /// schema can be embedded in a registry schema. Recursive definitions are left as an
 /// open schema (`{}`) past the first level.
 pub fn inline_refs(schema: Value) -> Value {
-    let defs = schema
-        .get("$defs")
-        .or_else(|| schema.get("definitions"))
-        .cloned()
-        .unwrap_or(Value::Null);
+    let defs = schema.get("$defs").or_else(|| schema.get("definitions")).cloned().unwrap_or(Value::Null);
     fn walk(node: Value, defs: &Value, depth: usize) -> Value {
         match node {
             Value::Object(mut map) => {
@@ -160,15 +142,9 @@ pub fn inline_refs(schema: Value) -> Value {
                     }
                     map.remove("$ref");
                 }
-                Value::Object(
-                    map.into_iter()
-                        .map(|(k, v)| (k, walk(v, defs, depth)))
-                        .collect(),
-                )
+                Value::Object(map.into_iter().map(|(k, v)| (k, walk(v, defs, depth))).collect())
             }
-            Value::Array(items) => {
-                Value::Array(items.into_iter().map(|v| walk(v, defs, depth)).collect())
-            }
+            Value::Array(items) => Value::Array(items.into_iter().map(|v| walk(v, defs, depth)).collect()),
             other => other,
         }
     }

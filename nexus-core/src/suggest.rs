@@ -5,12 +5,7 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let word_lower = word.to_lowercase();
     candidates
         .into_iter()
-        .map(|c| {
-            (
-                strsim::damerau_levenshtein(&word_lower, &c.to_lowercase()),
-                c,
-            )
-        })
+        .map(|c| (strsim::damerau_levenshtein(&word_lower, &c.to_lowercase()), c))
         .filter(|(distance, c)| {
             let len = word.chars().count().max(c.chars().count());
             *distance > 0 && *distance <= (len / 3).max(1)

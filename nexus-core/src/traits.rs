@@ -74,12 +74,7 @@ pub struct Task {
 
 impl Task {
     /// A task with no env, secrets, image, working directory or timeout.
-    pub fn new(
-        run_id: impl Into<String>,
-        step_id: impl Into<String>,
-        attempt: u32,
-        program: Program,
-    ) -> Self {
+    pub fn new(run_id: impl Into<String>, step_id: impl Into<String>, attempt: u32, program: Program) -> Self {
         Task {
             run_id: run_id.into(),
             step_id: step_id.into(),
@@ -128,13 +123,7 @@ pub struct Outcome {
 impl Outcome {
     /// An outcome with an exit code and no outputs.
     pub fn exited(exit_code: i32, started: SystemTime, finished: SystemTime) -> Self {
-        Outcome {
-            exit_code: Some(exit_code),
-            signal: None,
-            outputs: Map::new(),
-            started,
-            finished,
-        }
+        Outcome { exit_code: Some(exit_code), signal: None, outputs: Map::new(), started, finished }
     }
 
     /// Whether the attempt succeeded (exit code 0).
@@ -148,12 +137,7 @@ impl Outcome {
 pub trait Runner: Send + Sync {
     /// Runs one attempt, streaming its output to `logs`. On timeout or when `cancel`
     /// fires, it must stop everything it started and clean up before returning.
-    async fn run(
-        &self,
-        task: &Task,
-        logs: &dyn LogSink,
-        cancel: CancellationToken,
-    ) -> Result<Outcome>;
+    async fn run(&self, task: &Task, logs: &dyn LogSink, cancel: CancellationToken) -> Result<Outcome>;
 }
 
 /// The state of a health check.
@@ -182,11 +166,7 @@ pub struct Health {
 impl Health {
     /// A health result.
     pub fn new(status: HealthStatus, latency: Duration, detail: impl Into<String>) -> Self {
-        Health {
-            status,
-            latency,
-            detail: detail.into(),
-        }
+        Health { status, latency, detail: detail.into() }
     }
 }
 
@@ -205,11 +185,7 @@ pub struct Sample {
 impl Sample {
     /// A sample without labels.
     pub fn new(name: impl Into<String>, value: f64) -> Self {
-        Sample {
-            name: name.into(),
-            labels: Map::new(),
-            value,
-        }
+        Sample { name: name.into(), labels: Map::new(), value }
     }
 }
 
@@ -329,10 +305,7 @@ pub struct Receipt {
 impl Receipt {
     /// A receipt.
     pub fn new(message_id: Option<String>, dedup_key: Option<String>) -> Self {
-        Receipt {
-            message_id,
-            dedup_key,
-        }
+        Receipt { message_id, dedup_key }
     }
 }
 

@@ -17,13 +17,7 @@ pub fn register(catalog: &mut Catalog) -> Result<()> {
     Ok(())
 }
 
-#[cfg(all(
-    test,
-    feature = "email",
-    feature = "slack",
-    feature = "pagerduty",
-    feature = "webhook"
-))]
+#[cfg(all(test, feature = "email", feature = "slack", feature = "pagerduty", feature = "webhook"))]
 mod tests {
     use super::*;
 
@@ -31,20 +25,10 @@ mod tests {
     fn registers_every_kind_with_a_valid_example() {
         let mut catalog = Catalog::new();
         register(&mut catalog).unwrap();
-        assert_eq!(
-            catalog.notifiers.names().collect::<Vec<_>>(),
-            ["email", "pagerduty", "slack", "webhook"]
-        );
+        assert_eq!(catalog.notifiers.names().collect::<Vec<_>>(), ["email", "pagerduty", "slack", "webhook"]);
         for kind in catalog.notifiers.iter() {
-            assert!(
-                kind.validate(&kind.example).is_empty(),
-                "the example of `{}` is invalid",
-                kind.kind
-            );
+            assert!(kind.validate(&kind.example).is_empty(), "the example of `{}` is invalid", kind.kind);
         }
-        assert!(
-            register(&mut catalog).is_err(),
-            "a second registration must clash"
-        );
+        assert!(register(&mut catalog).is_err(), "a second registration must clash");
     }
 }

@@ -22,13 +22,7 @@ pub fn register(catalog: &mut Catalog) -> Result<()> {
     Ok(())
 }
 
-#[cfg(all(
-    test,
-    feature = "local",
-    feature = "docker",
-    feature = "kubernetes",
-    feature = "ssh"
-))]
+#[cfg(all(test, feature = "local", feature = "docker", feature = "kubernetes", feature = "ssh"))]
 mod tests {
     use super::*;
 
@@ -36,16 +30,9 @@ mod tests {
     fn registers_every_default_kind_once() {
         let mut catalog = Catalog::new();
         register(&mut catalog).unwrap();
-        assert_eq!(
-            catalog.runners.names().collect::<Vec<_>>(),
-            ["docker", "kubernetes", "local", "ssh"]
-        );
+        assert_eq!(catalog.runners.names().collect::<Vec<_>>(), ["docker", "kubernetes", "local", "ssh"]);
         for descriptor in catalog.runners.iter() {
-            assert!(
-                descriptor.validate(&descriptor.example).is_empty(),
-                "{}",
-                descriptor.kind
-            );
+            assert!(descriptor.validate(&descriptor.example).is_empty(), "{}", descriptor.kind);
         }
         let again = register(&mut catalog).unwrap_err();
         assert_eq!(again.kind(), nexus_core::ErrorKind::Conflict);

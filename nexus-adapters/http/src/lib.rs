@@ -98,9 +98,7 @@ struct HeaderNames<'a>(&'a Map<String>);
 
 impl fmt::Debug for HeaderNames<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.keys().map(|name| (name, "***")))
-            .finish()
+        f.debug_map().entries(self.0.keys().map(|name| (name, "***"))).finish()
     }
 }
 
@@ -111,18 +109,14 @@ impl ComponentKind for HttpKind {
     type Trait = dyn ServiceAdapter;
     type Spec = HttpSpec;
     const KIND: &'static str = HTTP_KIND;
-    const DESCRIPTION: &'static str =
-        "An HTTP(S) endpoint: health by status code and body, and requests to it.";
+    const DESCRIPTION: &'static str = "An HTTP(S) endpoint: health by status code and body, and requests to it.";
     const ACTIONS: &'static [&'static str] = &["health", "request"];
 
     fn example() -> HttpSpec {
         HttpSpec {
             url: "https://{{ env.vars.api_host }}/healthz".to_owned(),
             method: Method::Get,
-            headers: Map::from_iter([(
-                "Authorization".to_owned(),
-                "Bearer {{ secrets.api_health_token }}".to_owned(),
-            )]),
+            headers: Map::from_iter([("Authorization".to_owned(), "Bearer {{ secrets.api_health_token }}".to_owned())]),
             expect_status: vec![200, 204],
             expect_body_contains: Some("ok".to_owned()),
             tls_verify: true,
@@ -141,17 +135,11 @@ impl ComponentKind for HttpKind {
                 ));
             }
             if value.contains(['\r', '\n']) {
-                issues.push(SpecIssue::new(
-                    &["headers", name],
-                    "a header value must be a single line",
-                ));
+                issues.push(SpecIssue::new(&["headers", name], "a header value must be a single line"));
             }
         }
         if spec.expect_status.is_empty() {
-            issues.push(SpecIssue::new(
-                &["expect_status"],
-                "give at least one status code, such as `[200]`",
-            ));
+            issues.push(SpecIssue::new(&["expect_status"], "give at least one status code, such as `[200]`"));
         }
         for (i, status) in spec.expect_status.iter().enumerate() {
             if !(100..=599).contains(status) {
@@ -168,10 +156,7 @@ impl ComponentKind for HttpKind {
             ));
         }
         if spec.timeout.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(
-                &["timeout"],
-                "the timeout must be longer than zero",
-            ));
+            issues.push(SpecIssue::new(&["timeout"], "the timeout must be longer than zero"));
         }
         issues
     }
@@ -210,35 +195,22 @@ fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &
     if is_template(value) {
         return;
     }
-    let expected = schemes
-        .iter()
-        .map(|s| format!("`{s}://`"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
     match value.split_once("://") {
         Some((scheme, _)) if schemes.contains(&scheme) => {}
         _ => {
-            issues.push(SpecIssue::new(
-                path,
-                format!("`{value}` is not a URL starting with {expected}"),
-            ));
+            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
             return;
         }
     }
     if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(
-            path,
-            format!("`{value}` must name a host and contain no spaces"),
-        ));
+        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
     }
 }
 
 /// Whether `name` is an HTTP token (RFC 9110 §5.6.2), as header names must be.
 fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
 }
 
 #[cfg(test)]
@@ -275,24 +247,16 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
         assert_eq!(d.actions, ["health", "request"]);
     }
 
     #[test]
     fn defaults_fill_a_minimal_spec() {
-        let spec: HttpSpec =
-            serde_json::from_value(json!({"url": "http://localhost:8080/"})).unwrap();
+        let spec: HttpSpec = serde_json::from_value(json!({"url": "http://localhost:8080/"})).unwrap();
         assert_eq!(spec.method, Method::Get);
         assert_eq!(spec.expect_status, [200]);
         assert!(spec.tls_verify);
@@ -303,97 +267,49 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
     #[test]
     fn url_needs_an_http_scheme_and_a_host() {
-        check(
-            example_with(json!({"url": "ftp://example.com/"})),
-            &["url"],
-            "`http://` or `https://`",
-        );
-        check(
-            example_with(json!({"url": "example.com/healthz"})),
-            &["url"],
-            "not a URL",
-        );
-        check(
-            example_with(json!({"url": "https:///healthz"})),
-            &["url"],
-            "must name a host",
-        );
+        check(example_with(json!({"url": "ftp://example.com/"})), &["url"], "`http://` or `https://`");
+        check(example_with(json!({"url": "example.com/healthz"})), &["url"], "not a URL");
+        check(example_with(json!({"url": "https:///healthz"})), &["url"], "must name a host");
     }
 
     #[test]
     fn url_must_not_carry_credentials_even_in_a_template() {
-        check(
-            example_with(json!({"url": "https://me:{{ secrets.pw }}@example.com/"})),
-            &["url"],
-            "credentials",
-        );
+        check(example_with(json!({"url": "https://me:{{ secrets.pw }}@example.com/"})), &["url"], "credentials");
     }
 
     #[test]
     fn header_names_and_values_are_checked() {
-        check(
-            example_with(json!({"headers": {"Bad Name": "x"}})),
-            &["headers", "Bad Name"],
-            "header name",
-        );
-        check(
-            example_with(json!({"headers": {"X-A": "a\r\nX-B: b"}})),
-            &["headers", "X-A"],
-            "single line",
-        );
+        check(example_with(json!({"headers": {"Bad Name": "x"}})), &["headers", "Bad Name"], "header name");
+        check(example_with(json!({"headers": {"X-A": "a\r\nX-B: b"}})), &["headers", "X-A"], "single line");
     }
 
     #[test]
     fn expected_statuses_are_a_non_empty_list_of_status_codes() {
-        check(
-            example_with(json!({"expect_status": []})),
-            &["expect_status"],
-            "at least one",
-        );
-        check(
-            example_with(json!({"expect_status": [200, 42]})),
-            &["expect_status", "1"],
-            "not an HTTP status",
-        );
+        check(example_with(json!({"expect_status": []})), &["expect_status"], "at least one");
+        check(example_with(json!({"expect_status": [200, 42]})), &["expect_status", "1"], "not an HTTP status");
     }
 
     #[test]
     fn head_has_no_body_to_check() {
-        check(
-            example_with(json!({"method": "HEAD"})),
-            &["expect_body_contains"],
-            "no body",
-        );
+        check(example_with(json!({"method": "HEAD"})), &["expect_body_contains"], "no body");
     }
 
     #[test]
     fn timeout_must_be_positive() {
-        check(
-            example_with(json!({"timeout": "0s"})),
-            &["timeout"],
-            "longer than zero",
-        );
+        check(example_with(json!({"timeout": "0s"})), &["timeout"], "longer than zero");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"verify_tls": false})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `verify_tls`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `verify_tls`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"verify_tls": false}))));
     }
@@ -401,8 +317,7 @@ mod tests {
     #[test]
     fn debug_never_shows_header_values() {
         let mut spec = HttpKind::example();
-        spec.headers
-            .insert("Authorization".to_owned(), "Bearer s3cr3t-t0ken".to_owned());
+        spec.headers.insert("Authorization".to_owned(), "Bearer s3cr3t-t0ken".to_owned());
         let shown = format!("{spec:?}");
         assert!(!shown.contains("s3cr3t-t0ken"), "{shown}");
         assert!(shown.contains("\"Authorization\": \"***\""), "{shown}");

@@ -88,8 +88,7 @@ impl ComponentKind for PostgresKind {
     type Trait = dyn ServiceAdapter;
     type Spec = PostgresSpec;
     const KIND: &'static str = POSTGRES_KIND;
-    const DESCRIPTION: &'static str =
-        "A PostgreSQL database: health, queries, backups and restores.";
+    const DESCRIPTION: &'static str = "A PostgreSQL database: health, queries, backups and restores.";
     const ACTIONS: &'static [&'static str] = &["health", "query", "backup", "restore"];
 
     fn example() -> PostgresSpec {
@@ -111,31 +110,23 @@ impl ComponentKind for PostgresKind {
             if host.contains("://") {
                 issues.push(SpecIssue::new(
                     &["host"],
-                    format!("`{host}` is a URL; give the host name only, and the rest in `port`, `database` and `user`"),
+                    format!(
+                        "`{host}` is a URL; give the host name only, and the rest in `port`, `database` and `user`"
+                    ),
                 ));
             } else if host.contains(char::is_whitespace) {
-                issues.push(SpecIssue::new(
-                    &["host"],
-                    format!("`{host}` must not contain spaces"),
-                ));
-            } else if let Some((_, port)) = host
-                .split_once(':')
-                .filter(|(_, port)| !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()))
+                issues.push(SpecIssue::new(&["host"], format!("`{host}` must not contain spaces")));
+            } else if let Some((_, port)) =
+                host.split_once(':').filter(|(_, port)| !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()))
             {
-                issues.push(SpecIssue::new(
-                    &["host"],
-                    format!("give the port in `port: {port}`, not in `host`"),
-                ));
+                issues.push(SpecIssue::new(&["host"], format!("give the port in `port: {port}`, not in `host`")));
             }
         }
         if let Some(password) = &spec.password {
             check_secret_ref(&mut issues, &["password"], password);
         }
         if spec.connect_timeout.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(
-                &["connect_timeout"],
-                "the timeout must be longer than zero",
-            ));
+            issues.push(SpecIssue::new(&["connect_timeout"], "the timeout must be longer than zero"));
         }
         issues
     }
@@ -205,16 +196,9 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
         assert_eq!(d.actions, ["health", "query", "backup", "restore"]);
     }
@@ -222,8 +206,7 @@ mod tests {
     #[test]
     fn defaults_fill_a_minimal_spec() {
         let spec: PostgresSpec =
-            serde_json::from_value(json!({"host": "localhost", "database": "app", "user": "app"}))
-                .unwrap();
+            serde_json::from_value(json!({"host": "localhost", "database": "app", "user": "app"})).unwrap();
         assert_eq!(spec.port, 5432);
         assert_eq!(spec.sslmode, SslMode::Prefer);
         assert!(PostgresKind::validate(&spec).is_empty());
@@ -233,12 +216,7 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
@@ -247,77 +225,37 @@ mod tests {
         let spec = example_with(json!({"sslmode": "verify-full"}));
         assert!(descriptor().validate(&spec).is_empty());
         let issues = descriptor().validate(&example_with(json!({"sslmode": "verify_full"})));
-        assert!(
-            issues[0].message.contains("unknown variant `verify_full`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown variant `verify_full`"), "{issues:#?}");
     }
 
     #[test]
     fn host_is_a_host_name_not_a_url_or_an_address_with_port() {
-        check(
-            example_with(json!({"host": "postgres://db.internal/app"})),
-            &["host"],
-            "is a URL",
-        );
-        check(
-            example_with(json!({"host": "db.internal:6432"})),
-            &["host"],
-            "`port: 6432`",
-        );
-        check(
-            example_with(json!({"host": "db internal"})),
-            &["host"],
-            "spaces",
-        );
-        for fine in [
-            "::1",
-            "/var/run/postgresql",
-            "10.0.0.5",
-            "{{ env.vars.db_host }}:{{ env.vars.db_port }}",
-        ] {
-            assert!(
-                descriptor()
-                    .validate(&example_with(json!({"host": fine})))
-                    .is_empty(),
-                "{fine}"
-            );
+        check(example_with(json!({"host": "postgres://db.internal/app"})), &["host"], "is a URL");
+        check(example_with(json!({"host": "db.internal:6432"})), &["host"], "`port: 6432`");
+        check(example_with(json!({"host": "db internal"})), &["host"], "spaces");
+        for fine in ["::1", "/var/run/postgresql", "10.0.0.5", "{{ env.vars.db_host }}:{{ env.vars.db_port }}"] {
+            assert!(descriptor().validate(&example_with(json!({"host": fine}))).is_empty(), "{fine}");
         }
     }
 
     #[test]
     fn password_must_be_a_secret_reference() {
-        check(
-            example_with(json!({"password": "hunter2"})),
-            &["password"],
-            "{{ secrets.",
-        );
-        check(
-            example_with(json!({"password": "{{ env.vars.db_password }}"})),
-            &["password"],
-            "in clear",
-        );
+        check(example_with(json!({"password": "hunter2"})), &["password"], "{{ secrets.");
+        check(example_with(json!({"password": "{{ env.vars.db_password }}"})), &["password"], "in clear");
         let issues = descriptor().validate(&example_with(json!({"password": "hunter2"})));
         assert!(!issues[0].message.contains("hunter2"), "{issues:#?}");
     }
 
     #[test]
     fn connect_timeout_must_be_positive() {
-        check(
-            example_with(json!({"connect_timeout": "0s"})),
-            &["connect_timeout"],
-            "longer than zero",
-        );
+        check(example_with(json!({"connect_timeout": "0s"})), &["connect_timeout"], "longer than zero");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"dbname": "app"})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `dbname`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `dbname`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"dbname": "app"}))));
     }
@@ -342,9 +280,6 @@ mod tests {
     fn registers_as_a_service_kind() {
         let mut catalog = Catalog::new();
         register_postgres_service(&mut catalog).unwrap();
-        assert_eq!(
-            catalog.services.get(POSTGRES_KIND).unwrap().kind,
-            "postgres"
-        );
+        assert_eq!(catalog.services.get(POSTGRES_KIND).unwrap().kind, "postgres");
     }
 }

@@ -56,18 +56,14 @@ impl ComponentKind for PrometheusKind {
     type Trait = dyn MonitorAdapter;
     type Spec = PrometheusSpec;
     const KIND: &'static str = PROMETHEUS_KIND;
-    const DESCRIPTION: &'static str =
-        "Prometheus: `/metrics` exposition under `nexus serve` and Pushgateway pushes.";
+    const DESCRIPTION: &'static str = "Prometheus: `/metrics` exposition under `nexus serve` and Pushgateway pushes.";
 
     fn example() -> PrometheusSpec {
         PrometheusSpec {
             pushgateway_url: Some("http://{{ env.vars.pushgateway_host }}:9091".to_owned()),
             job: "nexus".to_owned(),
             listen: Some("0.0.0.0:9464".to_owned()),
-            grouping: Map::from_iter([(
-                "instance".to_owned(),
-                "{{ env.vars.instance }}".to_owned(),
-            )]),
+            grouping: Map::from_iter([("instance".to_owned(), "{{ env.vars.instance }}".to_owned())]),
             push_interval: Some(Duration(std::time::Duration::from_secs(15))),
         }
     }
@@ -102,10 +98,7 @@ impl ComponentKind for PrometheusKind {
         }
         for name in spec.grouping.keys() {
             if name == "job" {
-                issues.push(SpecIssue::new(
-                    &["grouping", name],
-                    "set the `job` label with `job`, not in `grouping`",
-                ));
+                issues.push(SpecIssue::new(&["grouping", name], "set the `job` label with `job`, not in `grouping`"));
             } else if !is_label_name(name) || name.starts_with("__") {
                 issues.push(SpecIssue::new(
                     &["grouping", name],
@@ -117,10 +110,7 @@ impl ComponentKind for PrometheusKind {
             }
         }
         if spec.push_interval.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(
-                &["push_interval"],
-                "the interval must be longer than zero",
-            ));
+            issues.push(SpecIssue::new(&["push_interval"], "the interval must be longer than zero"));
         }
         issues
     }
@@ -146,15 +136,11 @@ fn listen_problem(listen: &str) -> Option<String> {
     }
     let expected = "expected `host:port`, such as `0.0.0.0:9464`, `127.0.0.1:9464` or `[::]:9464`";
     match listen.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && !host.contains(char::is_whitespace) => {
-            match port.parse::<u16>() {
-                Ok(0) => Some(format!(
-                    "`{listen}`: port 0 picks a random port that Prometheus cannot be told about"
-                )),
-                Ok(_) => None,
-                Err(_) => Some(format!("`{listen}` has no valid port; {expected}")),
-            }
-        }
+        Some((host, port)) if !host.is_empty() && !host.contains(char::is_whitespace) => match port.parse::<u16>() {
+            Ok(0) => Some(format!("`{listen}`: port 0 picks a random port that Prometheus cannot be told about")),
+            Ok(_) => None,
+            Err(_) => Some(format!("`{listen}` has no valid port; {expected}")),
+        },
         _ => Some(format!("`{listen}` is not an address; {expected}")),
     }
 }
@@ -162,9 +148,7 @@ fn listen_problem(listen: &str) -> Option<String> {
 /// Whether `name` matches `[a-zA-Z_][a-zA-Z0-9_]*`, the Prometheus label name syntax.
 fn is_label_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -188,26 +172,16 @@ fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &
     if is_template(value) {
         return;
     }
-    let expected = schemes
-        .iter()
-        .map(|s| format!("`{s}://`"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
     match value.split_once("://") {
         Some((scheme, _)) if schemes.contains(&scheme) => {}
         _ => {
-            issues.push(SpecIssue::new(
-                path,
-                format!("`{value}` is not a URL starting with {expected}"),
-            ));
+            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
             return;
         }
     }
     if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(
-            path,
-            format!("`{value}` must name a host and contain no spaces"),
-        ));
+        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
     }
 }
 
@@ -245,24 +219,16 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
         assert!(d.actions.is_empty());
     }
 
     #[test]
     fn listen_alone_is_enough() {
-        let spec: PrometheusSpec =
-            serde_json::from_value(json!({"listen": "127.0.0.1:9464"})).unwrap();
+        let spec: PrometheusSpec = serde_json::from_value(json!({"listen": "127.0.0.1:9464"})).unwrap();
         assert_eq!(spec.job, "nexus");
         assert!(PrometheusKind::validate(&spec).is_empty());
     }
@@ -271,12 +237,7 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
@@ -290,20 +251,12 @@ mod tests {
     fn push_settings_need_a_pushgateway() {
         let no_push = json!({"pushgateway_url": null, "push_interval": null});
         check(example_with(no_push), &["grouping"], "only for pushes");
-        check(
-            example_with(json!({"pushgateway_url": null, "grouping": {}})),
-            &["push_interval"],
-            "nothing is pushed",
-        );
+        check(example_with(json!({"pushgateway_url": null, "grouping": {}})), &["push_interval"], "nothing is pushed");
     }
 
     #[test]
     fn pushgateway_url_is_an_http_url_without_credentials() {
-        check(
-            example_with(json!({"pushgateway_url": "pushgateway:9091"})),
-            &["pushgateway_url"],
-            "`http://`",
-        );
+        check(example_with(json!({"pushgateway_url": "pushgateway:9091"})), &["pushgateway_url"], "`http://`");
         check(
             example_with(json!({"pushgateway_url": "http://u:p@pushgateway:9091"})),
             &["pushgateway_url"],
@@ -313,64 +266,29 @@ mod tests {
 
     #[test]
     fn listen_is_host_and_port() {
-        check(
-            example_with(json!({"listen": "9464"})),
-            &["listen"],
-            "not an address",
-        );
-        check(
-            example_with(json!({"listen": "0.0.0.0:http"})),
-            &["listen"],
-            "no valid port",
-        );
-        check(
-            example_with(json!({"listen": "0.0.0.0:0"})),
-            &["listen"],
-            "random port",
-        );
-        assert!(
-            descriptor()
-                .validate(&example_with(json!({"listen": "[::]:9464"})))
-                .is_empty()
-        );
+        check(example_with(json!({"listen": "9464"})), &["listen"], "not an address");
+        check(example_with(json!({"listen": "0.0.0.0:http"})), &["listen"], "no valid port");
+        check(example_with(json!({"listen": "0.0.0.0:0"})), &["listen"], "random port");
+        assert!(descriptor().validate(&example_with(json!({"listen": "[::]:9464"}))).is_empty());
     }
 
     #[test]
     fn grouping_keys_are_label_names_other_than_job() {
-        check(
-            example_with(json!({"grouping": {"job": "x"}})),
-            &["grouping", "job"],
-            "with `job`",
-        );
-        check(
-            example_with(json!({"grouping": {"data-center": "x"}})),
-            &["grouping", "data-center"],
-            "label name",
-        );
-        check(
-            example_with(json!({"grouping": {"__name__": "x"}})),
-            &["grouping", "__name__"],
-            "label name",
-        );
+        check(example_with(json!({"grouping": {"job": "x"}})), &["grouping", "job"], "with `job`");
+        check(example_with(json!({"grouping": {"data-center": "x"}})), &["grouping", "data-center"], "label name");
+        check(example_with(json!({"grouping": {"__name__": "x"}})), &["grouping", "__name__"], "label name");
     }
 
     #[test]
     fn push_interval_must_be_positive() {
-        check(
-            example_with(json!({"push_interval": "0s"})),
-            &["push_interval"],
-            "longer than zero",
-        );
+        check(example_with(json!({"push_interval": "0s"})), &["push_interval"], "longer than zero");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"port": 9464})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `port`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `port`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"port": 9464}))));
     }
@@ -386,9 +304,6 @@ mod tests {
     fn registers_as_a_monitor_kind() {
         let mut catalog = Catalog::new();
         register_prometheus_monitor(&mut catalog).unwrap();
-        assert_eq!(
-            catalog.monitors.get(PROMETHEUS_KIND).unwrap().kind,
-            "prometheus"
-        );
+        assert_eq!(catalog.monitors.get(PROMETHEUS_KIND).unwrap().kind, "prometheus");
     }
 }

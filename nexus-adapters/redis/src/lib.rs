@@ -59,8 +59,7 @@ impl ComponentKind for RedisKind {
     type Trait = dyn ServiceAdapter;
     type Spec = RedisSpec;
     const KIND: &'static str = REDIS_KIND;
-    const DESCRIPTION: &'static str =
-        "A Redis database: health, ping, get and set keys, flush a key prefix.";
+    const DESCRIPTION: &'static str = "A Redis database: health, ping, get and set keys, flush a key prefix.";
     const ACTIONS: &'static [&'static str] = &["health", "ping", "flush-prefix", "set", "get"];
 
     fn example() -> RedisSpec {
@@ -77,10 +76,7 @@ impl ComponentKind for RedisKind {
         check_url(&mut issues, &["url"], &spec.url, &["redis", "rediss"]);
         if issues.is_empty() && !is_template(&spec.url) {
             let rest = spec.url.split_once("://").map_or("", |(_, rest)| rest);
-            let path = rest
-                .split_once('/')
-                .map_or("", |(_, path)| path)
-                .trim_end_matches('/');
+            let path = rest.split_once('/').map_or("", |(_, path)| path).trim_end_matches('/');
             if !path.is_empty() && !path.chars().all(|c| c.is_ascii_digit()) {
                 issues.push(SpecIssue::new(
                     &["url"],
@@ -144,26 +140,16 @@ fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &
     if is_template(value) {
         return;
     }
-    let expected = schemes
-        .iter()
-        .map(|s| format!("`{s}://`"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
     match value.split_once("://") {
         Some((scheme, _)) if schemes.contains(&scheme) => {}
         _ => {
-            issues.push(SpecIssue::new(
-                path,
-                format!("`{value}` is not a URL starting with {expected}"),
-            ));
+            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
             return;
         }
     }
     if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(
-            path,
-            format!("`{value}` must name a host and contain no spaces"),
-        ));
+        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
     }
 }
 
@@ -213,24 +199,16 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
         assert_eq!(d.actions, ["health", "ping", "flush-prefix", "set", "get"]);
     }
 
     #[test]
     fn a_url_alone_is_enough() {
-        let spec: RedisSpec =
-            serde_json::from_value(json!({"url": "rediss://cache.internal:6380/3"})).unwrap();
+        let spec: RedisSpec = serde_json::from_value(json!({"url": "rediss://cache.internal:6380/3"})).unwrap();
         assert!(RedisKind::validate(&spec).is_empty());
     }
 
@@ -238,36 +216,19 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
     #[test]
     fn url_needs_a_redis_scheme() {
-        check(
-            example_with(json!({"url": "http://cache:6379"})),
-            &["url"],
-            "`redis://` or `rediss://`",
-        );
-        check(
-            example_with(json!({"url": "cache:6379"})),
-            &["url"],
-            "not a URL",
-        );
+        check(example_with(json!({"url": "http://cache:6379"})), &["url"], "`redis://` or `rediss://`");
+        check(example_with(json!({"url": "cache:6379"})), &["url"], "not a URL");
     }
 
     #[test]
     fn url_must_not_carry_the_password() {
-        check(
-            example_with(json!({"url": "redis://:{{ secrets.redis_password }}@cache:6379"})),
-            &["url"],
-            "`password`",
-        );
+        check(example_with(json!({"url": "redis://:{{ secrets.redis_password }}@cache:6379"})), &["url"], "`password`");
     }
 
     #[test]
@@ -277,39 +238,24 @@ mod tests {
             &["url"],
             "database number",
         );
-        check(
-            example_with(json!({"url": "redis://cache:6379/2"})),
-            &["database"],
-            "already selects database 2",
-        );
+        check(example_with(json!({"url": "redis://cache:6379/2"})), &["database"], "already selects database 2");
     }
 
     #[test]
     fn password_must_be_a_secret_reference() {
-        check(
-            example_with(json!({"password": "hunter2"})),
-            &["password"],
-            "{{ secrets.",
-        );
+        check(example_with(json!({"password": "hunter2"})), &["password"], "{{ secrets.");
     }
 
     #[test]
     fn key_prefix_has_no_pattern_characters() {
-        check(
-            example_with(json!({"key_prefix": "app:*"})),
-            &["key_prefix"],
-            "outside the prefix",
-        );
+        check(example_with(json!({"key_prefix": "app:*"})), &["key_prefix"], "outside the prefix");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"db": 1})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `db`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `db`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"db": 1}))));
     }

@@ -65,10 +65,7 @@ impl fmt::Debug for S3Spec {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
-            .field(
-                "secret_access_key",
-                &self.secret_access_key.as_ref().map(|_| "***"),
-            )
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "***"))
             .field("path_style", &self.path_style)
             .field("prefix", &self.prefix)
             .finish()
@@ -100,13 +97,9 @@ impl ComponentKind for S3Kind {
 
     fn validate(spec: &S3Spec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
-        if let Some(problem) =
-            bucket_name_problem(&spec.bucket).filter(|_| !is_template(&spec.bucket))
-        {
-            issues.push(SpecIssue::new(
-                &["bucket"],
-                format!("`{}` is not a valid bucket name: {problem}", spec.bucket),
-            ));
+        if let Some(problem) = bucket_name_problem(&spec.bucket).filter(|_| !is_template(&spec.bucket)) {
+            issues
+                .push(SpecIssue::new(&["bucket"], format!("`{}` is not a valid bucket name: {problem}", spec.bucket)));
         }
         if let Some(endpoint) = &spec.endpoint {
             check_url(&mut issues, &["endpoint"], endpoint, &["http", "https"]);
@@ -128,10 +121,7 @@ impl ComponentKind for S3Kind {
         if let Some(prefix) = spec.prefix.as_deref().filter(|p| p.starts_with('/')) {
             issues.push(SpecIssue::new(
                 &["prefix"],
-                format!(
-                    "S3 keys do not start with `/`; write `{}`",
-                    prefix.trim_start_matches('/')
-                ),
+                format!("S3 keys do not start with `/`; write `{}`", prefix.trim_start_matches('/')),
             ));
         }
         issues
@@ -156,10 +146,7 @@ fn bucket_name_problem(name: &str) -> Option<&'static str> {
     let bytes = name.as_bytes();
     if !(3..=63).contains(&bytes.len()) {
         Some("it must be 3 to 63 characters long")
-    } else if !bytes
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'.' || *b == b'-')
-    {
+    } else if !bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'.' || *b == b'-') {
         Some("use only lowercase letters, digits, `.` and `-`")
     } else if !bytes[0].is_ascii_alphanumeric() || !bytes[bytes.len() - 1].is_ascii_alphanumeric() {
         Some("it must start and end with a letter or a digit")
@@ -191,26 +178,16 @@ fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &
     if is_template(value) {
         return;
     }
-    let expected = schemes
-        .iter()
-        .map(|s| format!("`{s}://`"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
     match value.split_once("://") {
         Some((scheme, _)) if schemes.contains(&scheme) => {}
         _ => {
-            issues.push(SpecIssue::new(
-                path,
-                format!("`{value}` is not a URL starting with {expected}"),
-            ));
+            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
             return;
         }
     }
     if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(
-            path,
-            format!("`{value}` must name a host and contain no spaces"),
-        ));
+        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
     }
 }
 
@@ -260,16 +237,9 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
         assert_eq!(d.actions, ["health", "upload", "download", "list", "purge"]);
     }
@@ -286,102 +256,48 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
     #[test]
     fn bucket_names_follow_the_s3_rules() {
-        check(
-            example_with(json!({"bucket": "ab"})),
-            &["bucket"],
-            "3 to 63",
-        );
-        check(
-            example_with(json!({"bucket": "Acme_Backups"})),
-            &["bucket"],
-            "lowercase",
-        );
-        check(
-            example_with(json!({"bucket": "-acme"})),
-            &["bucket"],
-            "start and end",
-        );
-        check(
-            example_with(json!({"bucket": "acme..backups"})),
-            &["bucket"],
-            "`..`",
-        );
-        assert!(
-            descriptor()
-                .validate(&example_with(json!({"bucket": "{{ env.vars.bucket }}"})))
-                .is_empty()
-        );
+        check(example_with(json!({"bucket": "ab"})), &["bucket"], "3 to 63");
+        check(example_with(json!({"bucket": "Acme_Backups"})), &["bucket"], "lowercase");
+        check(example_with(json!({"bucket": "-acme"})), &["bucket"], "start and end");
+        check(example_with(json!({"bucket": "acme..backups"})), &["bucket"], "`..`");
+        assert!(descriptor().validate(&example_with(json!({"bucket": "{{ env.vars.bucket }}"}))).is_empty());
     }
 
     #[test]
     fn endpoint_is_an_http_url_without_credentials() {
-        check(
-            example_with(json!({"endpoint": "minio:9000"})),
-            &["endpoint"],
-            "`http://` or `https://`",
-        );
-        check(
-            example_with(json!({"endpoint": "http://key:secret@minio:9000"})),
-            &["endpoint"],
-            "credentials",
-        );
+        check(example_with(json!({"endpoint": "minio:9000"})), &["endpoint"], "`http://` or `https://`");
+        check(example_with(json!({"endpoint": "http://key:secret@minio:9000"})), &["endpoint"], "credentials");
     }
 
     #[test]
     fn access_keys_come_in_pairs() {
-        check(
-            example_with(json!({"secret_access_key": null})),
-            &["secret_access_key"],
-            "give both",
-        );
-        check(
-            example_with(json!({"access_key_id": null})),
-            &["access_key_id"],
-            "give both",
-        );
+        check(example_with(json!({"secret_access_key": null})), &["secret_access_key"], "give both");
+        check(example_with(json!({"access_key_id": null})), &["access_key_id"], "give both");
         let neither = example_with(json!({"access_key_id": null, "secret_access_key": null}));
         assert!(descriptor().validate(&neither).is_empty());
     }
 
     #[test]
     fn secret_access_key_must_be_a_secret_reference() {
-        check(
-            example_with(json!({"secret_access_key": "wJalrXUtnFEMI"})),
-            &["secret_access_key"],
-            "{{ secrets.",
-        );
+        check(example_with(json!({"secret_access_key": "wJalrXUtnFEMI"})), &["secret_access_key"], "{{ secrets.");
     }
 
     #[test]
     fn prefix_does_not_start_with_a_slash() {
-        check(
-            example_with(json!({"prefix": "/backups/"})),
-            &["prefix"],
-            "write `backups/`",
-        );
+        check(example_with(json!({"prefix": "/backups/"})), &["prefix"], "write `backups/`");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"force_path_style": true})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0]
-                .message
-                .contains("unknown field `force_path_style`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `force_path_style`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"force_path_style": true}))));
     }
@@ -392,10 +308,7 @@ mod tests {
         spec.secret_access_key = Some("wJalrXUtnFEMI-s3cr3t".to_owned());
         let shown = format!("{spec:?}");
         assert!(!shown.contains("wJalrXUtnFEMI-s3cr3t"), "{shown}");
-        assert!(
-            shown.contains("secret_access_key: Some(\"***\")"),
-            "{shown}"
-        );
+        assert!(shown.contains("secret_access_key: Some(\"***\")"), "{shown}");
     }
 
     #[test]

@@ -20,11 +20,11 @@ pub struct Duration(pub std::time::Duration);
 impl Duration {
     /// Parses `30s`, `5m`, `1h30m`…; the error says what was expected.
     pub fn parse(text: &str) -> Result<Self, String> {
-        humantime::parse_duration(text.trim())
-            .map(Duration)
-            .map_err(|e| {
-                format!("invalid duration `{text}` ({e}): expected a number and a unit, such as `30s`, `5m`, `1h30m` or `250ms`")
-            })
+        humantime::parse_duration(text.trim()).map(Duration).map_err(|e| {
+            format!(
+                "invalid duration `{text}` ({e}): expected a number and a unit, such as `30s`, `5m`, `1h30m` or `250ms`"
+            )
+        })
     }
 
     /// The standard-library duration.
@@ -214,9 +214,7 @@ pub struct RunSpec {
 impl RunSpec {
     /// How many of `command`, `script`, `argv` are set (a valid spec has exactly one).
     pub fn forms_given(&self) -> usize {
-        usize::from(self.command.is_some())
-            + usize::from(self.script.is_some())
-            + usize::from(self.argv.is_some())
+        usize::from(self.command.is_some()) + usize::from(self.script.is_some()) + usize::from(self.argv.is_some())
     }
 }
 

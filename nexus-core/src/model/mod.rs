@@ -12,15 +12,10 @@ pub mod security;
 
 pub use automation::{Automation, AutomationRegistry, Category};
 pub use common::{Duration, Labels, Map, OutputSpec, ParamSpec, ParamType, RetryPolicy, RunSpec};
-pub use monitoring::{
-    Channel, HealthCheck, Monitor, MonitoringRegistry, Route, RouteMatch, Service,
-};
-pub use orchestration::{
-    Defaults, Environment, Lock, OrchestrationRegistry, RunnerInstance, Schedule, StateStore,
-};
+pub use monitoring::{Channel, HealthCheck, Monitor, MonitoringRegistry, Route, RouteMatch, Service};
+pub use orchestration::{Defaults, Environment, Lock, OrchestrationRegistry, RunnerInstance, Schedule, StateStore};
 pub use pipeline::{
-    Approval, Concurrency, ConcurrencyPolicy, NotifyStep, Pipeline, PipelineRegistry, Rollback,
-    Severity, Step,
+    Approval, Concurrency, ConcurrencyPolicy, NotifyStep, Pipeline, PipelineRegistry, Rollback, Severity, Step,
 };
 pub use security::{Policy, Role, Secret, SecretSource, SecurityRegistry};
 

@@ -120,11 +120,7 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_window: Option<Duration>,
     /// Whether to stop evaluating later routes after this one matched.
-    #[serde(
-        default,
-        rename = "continue",
-        skip_serializing_if = "std::ops::Not::not"
-    )]
+    #[serde(default, rename = "continue", skip_serializing_if = "std::ops::Not::not")]
     pub continue_matching: bool,
 }
 

@@ -249,12 +249,7 @@ pub struct StateStore {
 
 impl Default for StateStore {
     fn default() -> Self {
-        StateStore {
-            backend: StateBackend::Sqlite,
-            path: None,
-            url: None,
-            retention: None,
-        }
+        StateStore { backend: StateBackend::Sqlite, path: None, url: None, retention: None }
     }
 }
 

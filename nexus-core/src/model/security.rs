@@ -71,20 +71,14 @@ pub struct SecretSource {
 impl Secret {
     /// The environment-independent source.
     pub fn source(&self) -> SecretSource {
-        SecretSource {
-            env: self.env.clone(),
-            file: self.file.clone(),
-            command: self.command.clone(),
-        }
+        SecretSource { env: self.env.clone(), file: self.file.clone(), command: self.command.clone() }
     }
 }
 
 impl SecretSource {
     /// How many sources are given (a valid source has exactly one).
     pub fn forms_given(&self) -> usize {
-        usize::from(self.env.is_some())
-            + usize::from(self.file.is_some())
-            + usize::from(self.command.is_some())
+        usize::from(self.env.is_some()) + usize::from(self.file.is_some()) + usize::from(self.command.is_some())
     }
 }
 

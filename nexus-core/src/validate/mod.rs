@@ -47,11 +47,7 @@ pub fn validate_dir(dir: &Path, catalog: &Catalog, options: &Options) -> Validat
     for d in load_diags {
         report.push(d);
     }
-    let mut ctx = Ctx {
-        sources: &sources,
-        docs: BTreeMap::new(),
-        report: &mut report,
-    };
+    let mut ctx = Ctx { sources: &sources, docs: BTreeMap::new(), report: &mut report };
     for doc in docs {
         ctx.docs.insert(doc.kind, doc);
     }
@@ -84,11 +80,7 @@ pub fn validate_dir(dir: &Path, catalog: &Catalog, options: &Options) -> Validat
     }
     report.sort();
     let ssot = if report.has_errors() { None } else { ssot };
-    Validated {
-        ssot,
-        report,
-        sources,
-    }
+    Validated { ssot, report, sources }
 }
 
 /// What validation stages share: the sources, the parsed registries and the report.
@@ -101,16 +93,12 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     /// The location of the value at `pointer` in `kind`'s registry.
     pub fn at(&self, kind: RegistryKind, pointer: &str) -> Option<Location> {
-        self.docs
-            .get(&kind)
-            .and_then(|doc| self.sources.locate(doc, pointer, false))
+        self.docs.get(&kind).and_then(|doc| self.sources.locate(doc, pointer, false))
     }
 
     /// The location of the key of the entry at `pointer`.
     pub fn key_at(&self, kind: RegistryKind, pointer: &str) -> Option<Location> {
-        self.docs
-            .get(&kind)
-            .and_then(|doc| self.sources.locate(doc, pointer, true))
+        self.docs.get(&kind).and_then(|doc| self.sources.locate(doc, pointer, true))
     }
 
     /// Records a diagnostic.
@@ -140,13 +128,10 @@ struct Typed {
 
 impl Typed {
     fn set(&mut self, doc: &RegistryDoc, sources: &Sources) -> Result<(), Box<Diagnostic>> {
-        fn de<T: serde::de::DeserializeOwned>(
-            doc: &RegistryDoc,
-            sources: &Sources,
-        ) -> Result<T, Box<Diagnostic>> {
+        fn de<T: serde::de::DeserializeOwned>(doc: &RegistryDoc, sources: &Sources) -> Result<T, Box<Diagnostic>> {
             // The schema is generated from the same types, so this is rare: a value the
             // schema cannot express (such as an unparsable duration like `99999999999d`).
-            serde_json::from_value(doc.value.clone()).map_err(|e| {
+            T::deserialize(&doc.value).map_err(|e| {
                 Box::new(
                     Diagnostic::error("nexus::invalid_value", e.to_string())
                         .at(sources.locate(doc, "", false))
@@ -211,11 +196,7 @@ fn check_component_kinds(ctx: &mut Ctx<'_>, catalog: &Catalog, schema_clean: &[R
         match kinds.iter().find(|k| k.kind == kind_name) {
             None => {
                 let available: Vec<&str> = kinds.iter().map(|k| k.kind).collect();
-                let list = if available.is_empty() {
-                    "none".to_owned()
-                } else {
-                    available.join(", ")
-                };
+                let list = if available.is_empty() { "none".to_owned() } else { available.join(", ") };
                 ctx.push(
                     Diagnostic::error("nexus::unknown_kind", format!("unknown {family} kind `{kind_name}` for `{name}`"))
                         .at(ctx.at(registry, &format!("{base}/kind")))

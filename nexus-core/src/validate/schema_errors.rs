@@ -31,16 +31,13 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
                 let allowed = allowed_fields(schema, &schema_path);
                 for name in unexpected {
                     let child = format!("{instance_path}/{}", escape_segment(name));
-                    let mut d = Diagnostic::error(
-                        "nexus::unknown_field",
-                        format!("unknown field `{name}`"),
-                    )
-                    .at(sources.locate(doc, &child, true))
-                    .expected(if allowed.is_empty() {
-                        "no field here".to_owned()
-                    } else {
-                        format!("one of: {}", allowed.join(", "))
-                    });
+                    let mut d = Diagnostic::error("nexus::unknown_field", format!("unknown field `{name}`"))
+                        .at(sources.locate(doc, &child, true))
+                        .expected(if allowed.is_empty() {
+                            "no field here".to_owned()
+                        } else {
+                            format!("one of: {}", allowed.join(", "))
+                        });
                     d = d.suggest(name, allowed.iter().map(String::as_str));
                     if d.help.is_none() {
                         d = d.help("remove it, or check the field names in docs/registries.md");
@@ -52,12 +49,9 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
             ValidationErrorKind::Required { property } => {
                 let name = property.as_str().unwrap_or_default();
                 let description = field_description(schema, &schema_path, name);
-                let mut d = Diagnostic::error(
-                    "nexus::missing_field",
-                    format!("missing required field `{name}`"),
-                )
-                .at(sources.locate(doc, &instance_path, true))
-                .expected(format!("a `{name}` field here"));
+                let mut d = Diagnostic::error("nexus::missing_field", format!("missing required field `{name}`"))
+                    .at(sources.locate(doc, &instance_path, true))
+                    .expected(format!("a `{name}` field here"));
                 if let Some(description) = description {
                     d = d.help(format!("`{name}`: {description}"));
                 }
@@ -66,11 +60,9 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
             ValidationErrorKind::Type { kind } => {
                 let expected = match kind {
                     TypeKind::Single(t) => type_name(&t.to_string()),
-                    TypeKind::Multiple(ts) => ts
-                        .iter()
-                        .map(|t| type_name(&t.to_string()))
-                        .collect::<Vec<_>>()
-                        .join(" or "),
+                    TypeKind::Multiple(ts) => {
+                        ts.iter().map(|t| type_name(&t.to_string())).collect::<Vec<_>>().join(" or ")
+                    }
                 };
                 Diagnostic::error("nexus::type", format!("expected {expected}, found {found}"))
                     .at(here)
@@ -79,29 +71,19 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
             ValidationErrorKind::Enum { options } => {
                 let names: Vec<String> = options
                     .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-                            .collect()
-                    })
+                    .map(|a| a.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).collect())
                     .unwrap_or_default();
                 let given = error.instance().as_str().unwrap_or_default().to_owned();
-                Diagnostic::error(
-                    "nexus::invalid_value",
-                    format!("{found} is not an allowed value"),
-                )
-                .at(here)
-                .expected(format!("one of: {}", names.join(", ")))
-                .suggest(&given, names.iter().map(String::as_str))
+                Diagnostic::error("nexus::invalid_value", format!("{found} is not an allowed value"))
+                    .at(here)
+                    .expected(format!("one of: {}", names.join(", ")))
+                    .suggest(&given, names.iter().map(String::as_str))
             }
             ValidationErrorKind::Constant { expected_value } if instance_path == "/version" => {
-                Diagnostic::error(
-                    "nexus::version",
-                    format!("unsupported registry version {found}"),
-                )
-                .at(here)
-                .expected(format!("version {expected_value}"))
-                .help("this nexus reads version 1 registries; set `version: 1`")
+                Diagnostic::error("nexus::version", format!("unsupported registry version {found}"))
+                    .at(here)
+                    .expected(format!("version {expected_value}"))
+                    .help("this nexus reads version 1 registries; set `version: 1`")
             }
             ValidationErrorKind::Pattern { pattern } if pattern == DURATION_PATTERN => {
                 Diagnostic::error("nexus::duration", format!("invalid duration {found}"))
@@ -109,12 +91,11 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
                     .expected("a number and a unit: ms, s, m, h, d or w")
                     .help("write durations like `30s`, `5m`, `1h30m` or `250ms`")
             }
-            ValidationErrorKind::Pattern { pattern } => Diagnostic::error(
-                "nexus::invalid_value",
-                format!("{found} has the wrong form"),
-            )
-            .at(here)
-            .expected(format!("a value matching `{pattern}`")),
+            ValidationErrorKind::Pattern { pattern } => {
+                Diagnostic::error("nexus::invalid_value", format!("{found} has the wrong form"))
+                    .at(here)
+                    .expected(format!("a value matching `{pattern}`"))
+            }
             _ => Diagnostic::error("nexus::invalid_value", error.to_string()).at(here),
         };
         out.push(d);
@@ -136,12 +117,7 @@ fn allowed_fields(schema: &Value, schema_path: &str) -> Vec<String> {
 /// The description of a required field, to say what it is for.
 fn field_description(schema: &Value, schema_path: &str, name: &str) -> Option<String> {
     let parent = schema_path.rsplit_once('/').map_or("", |(p, _)| p);
-    let text = schema
-        .pointer(parent)?
-        .get("properties")?
-        .get(name)?
-        .get("description")?
-        .as_str()?;
+    let text = schema.pointer(parent)?.get("properties")?.get(name)?.get("description")?.as_str()?;
     Some(text.lines().next().unwrap_or(text).to_owned())
 }
 

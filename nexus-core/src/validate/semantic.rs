@@ -153,20 +153,11 @@ impl Checker<'_, '_> {
         }
         let mut d = Diagnostic::error(target.code(), format!("unknown {} `{name}`", target.noun()))
             .at(self.ctx.at(registry, ptr))
-            .expected(format!(
-                "the name of {} {} declared in {}",
-                article(target.noun()),
-                target.noun(),
-                target.home()
-            ))
+            .expected(format!("the name of {} {} declared in {}", article(target.noun()), target.noun(), target.home()))
             .suggest(name, names.iter().copied());
         if d.help.is_none() {
             d = d.help(if names.is_empty() {
-                format!(
-                    "no {} is declared yet; add `{name}` to {}",
-                    target.noun(),
-                    target.home()
-                )
+                format!("no {} is declared yet; add `{name}` to {}", target.noun(), target.home())
             } else {
                 format!("declared: {}", preview(names))
             });
@@ -212,11 +203,7 @@ impl Checker<'_, '_> {
 }
 
 fn article(noun: &str) -> &'static str {
-    if noun.starts_with(['a', 'e', 'i', 'o', 'u']) {
-        "an"
-    } else {
-        "a"
-    }
+    if noun.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" }
 }
 
 fn preview(names: &[&str]) -> String {
@@ -228,21 +215,14 @@ fn preview(names: &[&str]) -> String {
 }
 
 pub(crate) fn check(ssot: &Ssot, catalog: &Catalog, options: &Options, ctx: &mut Ctx<'_>) {
-    let mut c = Checker {
-        ctx,
-        names: Names::new(ssot),
-        catalog,
-    };
+    let mut c = Checker { ctx, names: Names::new(ssot), catalog };
     versions(ssot, &mut c);
     if let Some(env) = &options.env
         && !c.names.environments.contains(&env.as_str())
     {
-        let d = Diagnostic::error(
-            "nexus::unknown_environment",
-            format!("unknown environment `{env}` (from --env)"),
-        )
-        .suggest(env, c.names.environments.iter().copied())
-        .expected(format!("one of: {}", preview(&c.names.environments)));
+        let d = Diagnostic::error("nexus::unknown_environment", format!("unknown environment `{env}` (from --env)"))
+            .suggest(env, c.names.environments.iter().copied())
+            .expected(format!("one of: {}", preview(&c.names.environments)));
         c.ctx.push(d);
     }
     automations(ssot, &mut c);
@@ -264,13 +244,8 @@ fn versions(ssot: &Ssot, c: &mut Checker<'_, '_>) {
     ];
     for (registry, version) in versions {
         if version != 1 {
-            c.error(
-                registry,
-                "/version",
-                "nexus::version",
-                format!("unsupported registry version {version}"),
-            )
-            .help = Some("this nexus reads version 1 registries; set `version: 1`".into());
+            c.error(registry, "/version", "nexus::version", format!("unsupported registry version {version}")).help =
+                Some("this nexus reads version 1 registries; set `version: 1`".into());
         }
     }
 }
@@ -279,41 +254,21 @@ fn run_forms(c: &mut Checker<'_, '_>, registry: RegistryKind, ptr: &str, run: &R
     match run.forms_given() {
         1 => {}
         0 => {
-            c.error(
-                registry,
-                ptr,
-                "nexus::run_form",
-                "`run` says nothing to run",
-            )
-            .expected = Some("exactly one of `command`, `script` or `argv`".into());
+            c.error(registry, ptr, "nexus::run_form", "`run` says nothing to run").expected =
+                Some("exactly one of `command`, `script` or `argv`".into());
         }
         _ => {
-            c.error(
-                registry,
-                ptr,
-                "nexus::run_form",
-                "`run` gives more than one of `command`, `script` and `argv`",
-            )
-            .expected = Some("exactly one of them".into());
+            c.error(registry, ptr, "nexus::run_form", "`run` gives more than one of `command`, `script` and `argv`")
+                .expected = Some("exactly one of them".into());
         }
     }
     if run.argv.as_ref().is_some_and(Vec::is_empty) {
-        c.error(
-            registry,
-            &format!("{ptr}/argv"),
-            "nexus::run_form",
-            "`argv` is empty",
-        )
-        .expected = Some("the program to run, then its arguments".into());
+        c.error(registry, &format!("{ptr}/argv"), "nexus::run_form", "`argv` is empty").expected =
+            Some("the program to run, then its arguments".into());
     }
 }
 
-fn params_decl(
-    c: &mut Checker<'_, '_>,
-    registry: RegistryKind,
-    base: &str,
-    params: &Map<ParamSpec>,
-) {
+fn params_decl(c: &mut Checker<'_, '_>, registry: RegistryKind, base: &str, params: &Map<ParamSpec>) {
     for (name, spec) in params {
         let ptr = format!("{base}/{}", crate::yaml::escape_segment(name));
         if let Some(default) = &spec.default {
@@ -343,10 +298,7 @@ fn params_decl(
                     "nexus::param_required",
                     format!("parameter `{name}` is required but has a default"),
                 )
-                .help = Some(
-                    "drop `required: true` (the default makes it optional) or drop the default"
-                        .into(),
-                );
+                .help = Some("drop `required: true` (the default makes it optional) or drop the default".into());
             }
         }
     }
@@ -366,12 +318,8 @@ fn args(
         let ptr = format!("{base}/with/{}", crate::yaml::escape_segment(name));
         match params.get(name) {
             None => {
-                let d = c.key_error(
-                    registry,
-                    &ptr,
-                    "nexus::unknown_param",
-                    format!("`{owner}` has no parameter `{name}`"),
-                );
+                let d =
+                    c.key_error(registry, &ptr, "nexus::unknown_param", format!("`{owner}` has no parameter `{name}`"));
                 d.expected = Some(if known.is_empty() {
                     "no parameter".into()
                 } else {
@@ -425,12 +373,7 @@ fn automations(ssot: &Ssot, c: &mut Checker<'_, '_>) {
         if let Some(runner) = &automation.runner {
             c.reference(A, &format!("{base}/runner"), Target::Runner, runner);
         }
-        c.references(
-            A,
-            &format!("{base}/secrets"),
-            Target::Secret,
-            &automation.secrets,
-        );
+        c.references(A, &format!("{base}/secrets"), Target::Secret, &automation.secrets);
         params_decl(c, A, &format!("{base}/params"), &automation.params);
     }
 }
@@ -471,21 +414,14 @@ fn pipeline_checks(ssot: &Ssot, name: &str, pipeline: &Pipeline, c: &mut Checker
         for (i, step) in steps.iter().enumerate() {
             let ptr = format!("{base}/{group}/{i}");
             if let Some(first) = seen.get(step.id.as_str()) {
-                let first_loc = c
-                    .ctx
-                    .at(P, first)
-                    .map(|l| format!("line {}", l.line))
-                    .unwrap_or_default();
+                let first_loc = c.ctx.at(P, first).map(|l| format!("line {}", l.line)).unwrap_or_default();
                 c.error(
                     P,
                     &format!("{ptr}/id"),
                     "nexus::duplicate_step",
                     format!("duplicate step id `{}` in pipeline `{name}`", step.id),
                 )
-                .help = Some(format!(
-                    "step ids are unique in a pipeline; the first `{}` is at {first_loc}",
-                    step.id
-                ));
+                .help = Some(format!("step ids are unique in a pipeline; the first `{}` is at {first_loc}", step.id));
             } else {
                 seen.insert(&step.id, ptr.clone());
             }
@@ -494,13 +430,8 @@ fn pipeline_checks(ssot: &Ssot, name: &str, pipeline: &Pipeline, c: &mut Checker
         dag(name, &format!("{base}/{group}"), steps, c);
     }
     if steps_empty(pipeline) {
-        c.key_error(
-            P,
-            &base,
-            "nexus::empty_pipeline",
-            format!("pipeline `{name}` has no steps"),
-        )
-        .expected = Some("at least one step".into());
+        c.key_error(P, &base, "nexus::empty_pipeline", format!("pipeline `{name}` has no steps")).expected =
+            Some("at least one step".into());
     }
 }
 
@@ -513,20 +444,19 @@ fn step_checks(ssot: &Ssot, pipeline: &str, ptr: &str, step: &Step, c: &mut Chec
     match forms.len() {
         1 => {}
         0 => {
+            c.error(P, ptr, "nexus::step_form", format!("step `{}` does nothing", step.id)).expected =
+                Some("exactly one of `uses`, `run`, `service` (with `action`), `approval` or `notify`".into());
+        }
+        _ => {
             c.error(
                 P,
                 ptr,
                 "nexus::step_form",
-                format!("step `{}` does nothing", step.id),
+                format!("step `{}` has several actions: {}", step.id, forms.join(", ")),
             )
             .expected = Some(
-                "exactly one of `uses`, `run`, `service` (with `action`), `approval` or `notify`"
-                    .into(),
+                "exactly one of `uses`, `run`, `service`, `approval` or `notify`; split it into several steps".into(),
             );
-        }
-        _ => {
-            c.error(P, ptr, "nexus::step_form", format!("step `{}` has several actions: {}", step.id, forms.join(", ")))
-                .expected = Some("exactly one of `uses`, `run`, `service`, `approval` or `notify`; split it into several steps".into());
         }
     }
     if let Some(automation) = &step.uses {
@@ -538,35 +468,24 @@ fn step_checks(ssot: &Ssot, pipeline: &str, ptr: &str, step: &Step, c: &mut Chec
     if let Some(run) = &step.run {
         run_forms(c, P, &format!("{ptr}/run"), run);
     }
-    service_action(
-        c,
-        ssot,
-        ptr,
-        step.service.as_deref(),
-        step.action.as_deref(),
-    );
+    service_action(c, ssot, ptr, step.service.as_deref(), step.action.as_deref());
     if step.service.is_none() && step.uses.is_none() && !step.with.is_empty() {
-        c.key_error(P, &format!("{ptr}/with"), "nexus::step_form", "`with` gives arguments, but the step neither `uses` an automation nor calls a `service`")
-            .help = Some("remove `with`, or pass values to the command through `env`".into());
+        c.key_error(
+            P,
+            &format!("{ptr}/with"),
+            "nexus::step_form",
+            "`with` gives arguments, but the step neither `uses` an automation nor calls a `service`",
+        )
+        .help = Some("remove `with`, or pass values to the command through `env`".into());
     }
     if let Some(runner) = &step.runner {
         c.reference(P, &format!("{ptr}/runner"), Target::Runner, runner);
     }
     if let Some(notify) = &step.notify {
-        c.references(
-            P,
-            &format!("{ptr}/notify/channels"),
-            Target::Channel,
-            &notify.channels,
-        );
+        c.references(P, &format!("{ptr}/notify/channels"), Target::Channel, &notify.channels);
     }
     if let Some(approval) = &step.approval {
-        c.references(
-            P,
-            &format!("{ptr}/approval/approvers"),
-            Target::Role,
-            &approval.approvers,
-        );
+        c.references(P, &format!("{ptr}/approval/approvers"), Target::Role, &approval.approvers);
     }
     c.references(P, &format!("{ptr}/locks"), Target::Lock, &step.locks);
     c.references(P, &format!("{ptr}/secrets"), Target::Secret, &step.secrets);
@@ -607,24 +526,12 @@ fn step_checks(ssot: &Ssot, pipeline: &str, ptr: &str, step: &Step, c: &mut Chec
         if let Some(runner) = &rollback.runner {
             c.reference(P, &format!("{rptr}/runner"), Target::Runner, runner);
         }
-        service_action(
-            c,
-            ssot,
-            &rptr,
-            rollback.service.as_deref(),
-            rollback.action.as_deref(),
-        );
+        service_action(c, ssot, &rptr, rollback.service.as_deref(), rollback.action.as_deref());
     }
     let _ = pipeline;
 }
 
-fn service_action(
-    c: &mut Checker<'_, '_>,
-    ssot: &Ssot,
-    ptr: &str,
-    service: Option<&str>,
-    action: Option<&str>,
-) {
+fn service_action(c: &mut Checker<'_, '_>, ssot: &Ssot, ptr: &str, service: Option<&str>, action: Option<&str>) {
     match (service, action) {
         (Some(service), action) => {
             c.reference(P, &format!("{ptr}/service"), Target::Service, service);
@@ -651,10 +558,7 @@ fn service_action(
                         P,
                         &format!("{ptr}/action"),
                         "nexus::unknown_action",
-                        format!(
-                            "service `{service}` (kind `{}`) has no action `{action}`",
-                            svc.kind
-                        ),
+                        format!("service `{service}` (kind `{}`) has no action `{action}`", svc.kind),
                     );
                     d.expected = Some(format!("one of: {}", actions.join(", ")));
                     if let Some(near) = crate::suggest::closest(action, actions.iter().copied()) {
@@ -665,13 +569,8 @@ fn service_action(
             }
         }
         (None, Some(_)) => {
-            c.error(
-                P,
-                &format!("{ptr}/action"),
-                "nexus::missing_service",
-                "`action` without a `service`",
-            )
-            .expected = Some("a `service:` naming a service of monitoring_registry.yaml".into());
+            c.error(P, &format!("{ptr}/action"), "nexus::missing_service", "`action` without a `service`").expected =
+                Some("a `service:` naming a service of monitoring_registry.yaml".into());
         }
         (None, None) => {}
     }
@@ -679,11 +578,7 @@ fn service_action(
 
 /// Unknown `needs`, self-dependencies and cycles among `steps`.
 fn dag(pipeline: &str, base: &str, steps: &[Step], c: &mut Checker<'_, '_>) {
-    let index: HashMap<&str, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.id.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
     let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
     let mut edges: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
     for (i, step) in steps.iter().enumerate() {
@@ -691,17 +586,20 @@ fn dag(pipeline: &str, base: &str, steps: &[Step], c: &mut Checker<'_, '_>) {
             let ptr = format!("{base}/{i}/needs/{j}");
             match index.get(need.as_str()) {
                 Some(&k) if k == i => {
-                    c.error(
-                        P,
-                        &ptr,
-                        "nexus::self_dependency",
-                        format!("step `{need}` needs itself"),
-                    )
-                    .help = Some("remove it from its own `needs`".into());
+                    c.error(P, &ptr, "nexus::self_dependency", format!("step `{need}` needs itself")).help =
+                        Some("remove it from its own `needs`".into());
                 }
                 Some(&k) => edges[i].push(k),
                 None => {
-                    let d = c.error(P, &ptr, "nexus::unknown_step", format!("step `{}` needs `{need}`, which is not a step of this list in pipeline `{pipeline}`", step.id));
+                    let d = c.error(
+                        P,
+                        &ptr,
+                        "nexus::unknown_step",
+                        format!(
+                            "step `{}` needs `{need}`, which is not a step of this list in pipeline `{pipeline}`",
+                            step.id
+                        ),
+                    );
                     d.expected = Some(format!("one of: {}", preview(&ids)));
                     if let Some(near) = crate::suggest::closest(need, ids.iter().copied()) {
                         d.help = Some(format!("did you mean `{near}`?"));
@@ -731,19 +629,22 @@ fn dag(pipeline: &str, base: &str, steps: &[Step], c: &mut Checker<'_, '_>) {
                     }
                     1 => {
                         let start = stack.iter().position(|(n, _)| *n == target).unwrap_or(0);
-                        let mut cycle: Vec<&str> =
-                            stack[start..].iter().map(|(n, _)| ids[*n]).collect();
+                        let mut cycle: Vec<&str> = stack[start..].iter().map(|(n, _)| ids[*n]).collect();
                         // Written the way it reads: a step, then what it waits for.
                         cycle.reverse();
                         cycle.rotate_right(1);
                         cycle.push(cycle[0]);
-                        let j = steps[node]
-                            .needs
-                            .iter()
-                            .position(|n| n == ids[target])
-                            .unwrap_or(0);
-                        c.error(P, &format!("{base}/{node}/needs/{j}"), "nexus::cycle", format!("steps of pipeline `{pipeline}` depend on each other in a cycle: {}", cycle.join(" → ")))
-                            .help = Some("remove one of these `needs` so the steps form a DAG".into());
+                        let j = steps[node].needs.iter().position(|n| n == ids[target]).unwrap_or(0);
+                        c.error(
+                            P,
+                            &format!("{base}/{node}/needs/{j}"),
+                            "nexus::cycle",
+                            format!(
+                                "steps of pipeline `{pipeline}` depend on each other in a cycle: {}",
+                                cycle.join(" → ")
+                            ),
+                        )
+                        .help = Some("remove one of these `needs` so the steps form a DAG".into());
                     }
                     _ => {}
                 }
@@ -768,11 +669,7 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
         c.reference(O, "/defaults/runner", Target::Runner, r);
     }
     if d.runner.is_none() {
-        let unassigned = ssot
-            .automations
-            .automations
-            .values()
-            .any(|a| a.runner.is_none());
+        let unassigned = ssot.automations.automations.values().any(|a| a.runner.is_none());
         if unassigned && o.runners.len() != 1 {
             c.key_error(
                 O,
@@ -780,18 +677,12 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
                 "nexus::no_default_runner",
                 "some automations name no runner and there is no `defaults.runner`",
             )
-            .help =
-                Some("set `defaults: { runner: NAME }` or give each automation a `runner`".into());
+            .help = Some("set `defaults: { runner: NAME }` or give each automation a `runner`".into());
         }
     }
     if o.environments.is_empty() {
-        c.key_error(
-            O,
-            "/environments",
-            "nexus::no_environment",
-            "no environment is declared",
-        )
-        .expected = Some("at least one environment, such as `dev`".into());
+        c.key_error(O, "/environments", "nexus::no_environment", "no environment is declared").expected =
+            Some("at least one environment, such as `dev`".into());
     }
     for (env_name, env) in &o.environments {
         let base = pointer(&["environments", env_name.as_str(), "overrides"]);
@@ -799,29 +690,16 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
             let ptr = format!("{base}/runners/{}", crate::yaml::escape_segment(from));
             let names = c.names.of(Target::Runner);
             if !names.contains(&from.as_str()) {
-                let d = c.key_error(
-                    O,
-                    &ptr,
-                    "nexus::unknown_runner",
-                    format!("unknown runner `{from}`"),
-                );
+                let d = c.key_error(O, &ptr, "nexus::unknown_runner", format!("unknown runner `{from}`"));
                 d.expected = Some("the name of a runner declared in `runners`".into());
             }
             c.reference(O, &ptr, Target::Runner, to);
         }
         for (automation, ov) in &env.overrides.automations {
-            let ptr = format!(
-                "{base}/automations/{}",
-                crate::yaml::escape_segment(automation)
-            );
+            let ptr = format!("{base}/automations/{}", crate::yaml::escape_segment(automation));
             if !c.names.automations.contains(&automation.as_str()) {
                 let names = c.names.automations.clone();
-                let d = c.key_error(
-                    O,
-                    &ptr,
-                    "nexus::unknown_automation",
-                    format!("unknown automation `{automation}`"),
-                );
+                let d = c.key_error(O, &ptr, "nexus::unknown_automation", format!("unknown automation `{automation}`"));
                 d.expected = Some("the name of an automation".into());
                 if let Some(near) = crate::suggest::closest(automation, names) {
                     d.help = Some(format!("did you mean `{near}`?"));
@@ -843,10 +721,7 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
                             format!("`{automation}` has no parameter `{param}`"),
                         );
                     }
-                    Some(spec)
-                        if !value.as_str().is_some_and(|s| s.contains("{{"))
-                            && !spec.ty.accepts(value) =>
-                    {
+                    Some(spec) if !value.as_str().is_some_and(|s| s.contains("{{")) && !spec.ty.accepts(value) => {
                         c.error(
                             O,
                             &pptr,
@@ -861,12 +736,7 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
         for (pipeline, values) in &env.overrides.params {
             let ptr = format!("{base}/params/{}", crate::yaml::escape_segment(pipeline));
             let Some(p) = ssot.pipelines.pipelines.get(pipeline) else {
-                c.key_error(
-                    O,
-                    &ptr,
-                    "nexus::unknown_pipeline",
-                    format!("unknown pipeline `{pipeline}`"),
-                );
+                c.key_error(O, &ptr, "nexus::unknown_pipeline", format!("unknown pipeline `{pipeline}`"));
                 continue;
             };
             for param in values.keys() {
@@ -883,69 +753,41 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
     }
     for (name, schedule) in &o.schedules {
         let base = pointer(&["schedules", name.as_str()]);
-        c.reference(
-            O,
-            &format!("{base}/pipeline"),
-            Target::Pipeline,
-            &schedule.pipeline,
-        );
-        c.reference(
-            O,
-            &format!("{base}/environment"),
-            Target::Environment,
-            &schedule.environment,
-        );
+        c.reference(O, &format!("{base}/pipeline"), Target::Pipeline, &schedule.pipeline);
+        c.reference(O, &format!("{base}/environment"), Target::Environment, &schedule.environment);
         if let Err(e) = croner::parser::CronParser::new().parse(&schedule.cron) {
-            c.error(O, &format!("{base}/cron"), "nexus::cron", format!("invalid cron expression `{}`: {e}", schedule.cron))
-                .expected = Some("5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first, e.g. `0 2 * * *`".into());
+            c.error(
+                O,
+                &format!("{base}/cron"),
+                "nexus::cron",
+                format!("invalid cron expression `{}`: {e}", schedule.cron),
+            )
+            .expected = Some(
+                "5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first, e.g. `0 2 * * *`"
+                    .into(),
+            );
         }
         timezone(c, O, &format!("{base}/timezone"), &schedule.timezone);
     }
     for (name, trigger) in &o.triggers {
         let base = pointer(&["triggers", name.as_str()]);
-        c.reference(
-            O,
-            &format!("{base}/pipeline"),
-            Target::Pipeline,
-            &trigger.pipeline,
-        );
-        c.reference(
-            O,
-            &format!("{base}/environment"),
-            Target::Environment,
-            &trigger.environment,
-        );
+        c.reference(O, &format!("{base}/pipeline"), Target::Pipeline, &trigger.pipeline);
+        c.reference(O, &format!("{base}/environment"), Target::Environment, &trigger.environment);
         if let Some(secret) = &trigger.signing_secret {
             c.reference(O, &format!("{base}/signing_secret"), Target::Secret, secret);
         }
     }
-    if o.state.backend == crate::model::orchestration::StateBackend::Postgres
-        && o.state.url.is_none()
-    {
-        c.key_error(
-            O,
-            "/state",
-            "nexus::state",
-            "the postgres state backend needs a `url`",
-        )
-        .help = Some("set `url: postgres://user:{{ secrets.db_password }}@host/db`".into());
+    if o.state.backend == crate::model::orchestration::StateBackend::Postgres && o.state.url.is_none() {
+        c.key_error(O, "/state", "nexus::state", "the postgres state backend needs a `url`").help =
+            Some("set `url: postgres://user:{{ secrets.db_password }}@host/db`".into());
     }
 }
 
 fn timezone(c: &mut Checker<'_, '_>, registry: RegistryKind, ptr: &str, tz: &str) {
     if tz.parse::<chrono_tz::Tz>().is_err() {
-        let d = c.error(
-            registry,
-            ptr,
-            "nexus::timezone",
-            format!("unknown time zone `{tz}`"),
-        );
-        d.expected = Some(
-            "an IANA time zone name such as `UTC`, `Europe/Paris` or `America/New_York`".into(),
-        );
-        if let Some(near) =
-            crate::suggest::closest(tz, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()))
-        {
+        let d = c.error(registry, ptr, "nexus::timezone", format!("unknown time zone `{tz}`"));
+        d.expected = Some("an IANA time zone name such as `UTC`, `Europe/Paris` or `America/New_York`".into());
+        if let Some(near) = crate::suggest::closest(tz, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name())) {
             d.help = Some(format!("did you mean `{near}`?"));
         }
     }
@@ -954,22 +796,12 @@ fn timezone(c: &mut Checker<'_, '_>, registry: RegistryKind, ptr: &str, tz: &str
 fn event_pattern(c: &mut Checker<'_, '_>, ptr: &str, pattern: &str) {
     let known = EVENT_TYPES.contains(&pattern)
         || pattern == "*"
-        || pattern.strip_suffix(".*").is_some_and(|prefix| {
-            EVENT_TYPES
-                .iter()
-                .any(|e| e.starts_with(&format!("{prefix}.")))
-        });
+        || pattern
+            .strip_suffix(".*")
+            .is_some_and(|prefix| EVENT_TYPES.iter().any(|e| e.starts_with(&format!("{prefix}."))));
     if !known {
-        let d = c.error(
-            M,
-            ptr,
-            "nexus::unknown_event",
-            format!("unknown event type `{pattern}`"),
-        );
-        d.expected = Some(format!(
-            "one of: {} (or a prefix wildcard such as `step.*`)",
-            EVENT_TYPES.join(", ")
-        ));
+        let d = c.error(M, ptr, "nexus::unknown_event", format!("unknown event type `{pattern}`"));
+        d.expected = Some(format!("one of: {} (or a prefix wildcard such as `step.*`)", EVENT_TYPES.join(", ")));
         if let Some(near) = crate::suggest::closest(pattern, EVENT_TYPES.iter().copied()) {
             d.help = Some(format!("did you mean `{near}`?"));
         }
@@ -980,12 +812,7 @@ fn monitoring(ssot: &Ssot, c: &mut Checker<'_, '_>) {
     let m = &ssot.monitoring;
     for (name, service) in &m.services {
         let base = pointer(&["services", name.as_str()]);
-        c.references(
-            M,
-            &format!("{base}/environments"),
-            Target::Environment,
-            &service.environments,
-        );
+        c.references(M, &format!("{base}/environments"), Target::Environment, &service.environments);
     }
     for (name, monitor) in &m.monitors {
         let base = pointer(&["monitors", name.as_str(), "events"]);
@@ -1004,24 +831,9 @@ fn monitoring(ssot: &Ssot, c: &mut Checker<'_, '_>) {
             )
             .expected = Some("at least one channel".into());
         }
-        c.references(
-            M,
-            &format!("{base}/channels"),
-            Target::Channel,
-            &route.channels,
-        );
-        c.references(
-            M,
-            &format!("{base}/match/pipelines"),
-            Target::Pipeline,
-            &route.matches.pipelines,
-        );
-        c.references(
-            M,
-            &format!("{base}/match/environments"),
-            Target::Environment,
-            &route.matches.environments,
-        );
+        c.references(M, &format!("{base}/channels"), Target::Channel, &route.channels);
+        c.references(M, &format!("{base}/match/pipelines"), Target::Pipeline, &route.matches.pipelines);
+        c.references(M, &format!("{base}/match/environments"), Target::Environment, &route.matches.environments);
         for (j, e) in route.matches.events.iter().enumerate() {
             event_pattern(c, &format!("{base}/match/events/{j}"), e);
         }
@@ -1054,19 +866,12 @@ fn security(ssot: &Ssot, c: &mut Checker<'_, '_>) {
                 "nexus::secret_source",
                 format!("secret `{name}` must come from exactly one source"),
             )
-            .expected = Some(
-                "exactly one of `env`, `file` or `command` (or per-environment sources)".into(),
-            );
+            .expected = Some("exactly one of `env`, `file` or `command` (or per-environment sources)".into());
         }
         for (env, source) in &secret.environments {
             let ptr = format!("{base}/environments/{}", crate::yaml::escape_segment(env));
             if !c.names.environments.contains(&env.as_str()) {
-                c.key_error(
-                    S,
-                    &ptr,
-                    "nexus::unknown_environment",
-                    format!("unknown environment `{env}`"),
-                );
+                c.key_error(S, &ptr, "nexus::unknown_environment", format!("unknown environment `{env}`"));
             }
             if source.forms_given() != 1 {
                 c.key_error(
@@ -1081,28 +886,13 @@ fn security(ssot: &Ssot, c: &mut Checker<'_, '_>) {
     }
     for (i, pattern) in s.redaction.patterns.iter().enumerate() {
         if let Err(e) = regex_syntax::Parser::new().parse(pattern) {
-            c.error(
-                S,
-                &format!("/redaction/patterns/{i}"),
-                "nexus::regex",
-                format!("invalid redaction pattern: {e}"),
-            );
+            c.error(S, &format!("/redaction/patterns/{i}"), "nexus::regex", format!("invalid redaction pattern: {e}"));
         }
     }
     for (name, role) in &s.roles {
         let base = pointer(&["roles", name.as_str()]);
-        c.references(
-            S,
-            &format!("{base}/environments"),
-            Target::Environment,
-            &role.environments,
-        );
-        c.references(
-            S,
-            &format!("{base}/pipelines"),
-            Target::Pipeline,
-            &role.pipelines,
-        );
+        c.references(S, &format!("{base}/environments"), Target::Environment, &role.environments);
+        c.references(S, &format!("{base}/pipelines"), Target::Pipeline, &role.pipelines);
     }
     for (name, token) in &s.tokens {
         let base = pointer(&["tokens", name.as_str()]);
@@ -1112,48 +902,24 @@ fn security(ssot: &Ssot, c: &mut Checker<'_, '_>) {
             && chrono::NaiveDate::parse_from_str(expires, "%Y-%m-%d").is_err()
             && chrono::DateTime::parse_from_rfc3339(expires).is_err()
         {
-            c.error(
-                S,
-                &format!("{base}/expires"),
-                "nexus::date",
-                format!("invalid date `{expires}`"),
-            )
-            .expected = Some("a date `YYYY-MM-DD` or an RFC 3339 time".into());
+            c.error(S, &format!("{base}/expires"), "nexus::date", format!("invalid date `{expires}`")).expected =
+                Some("a date `YYYY-MM-DD` or an RFC 3339 time".into());
         }
     }
     for (env, policy) in &s.policies {
         let base = pointer(&["policies", env.as_str()]);
         if !c.names.environments.contains(&env.as_str()) {
             let envs = c.names.environments.clone();
-            let d = c.key_error(
-                S,
-                &base,
-                "nexus::unknown_environment",
-                format!("policy for unknown environment `{env}`"),
-            );
+            let d =
+                c.key_error(S, &base, "nexus::unknown_environment", format!("policy for unknown environment `{env}`"));
             if let Some(near) = crate::suggest::closest(env, envs) {
                 d.help = Some(format!("did you mean `{near}`?"));
             }
         }
-        c.references(
-            S,
-            &format!("{base}/approvers"),
-            Target::Role,
-            &policy.approvers,
-        );
-        c.references(
-            S,
-            &format!("{base}/allowed_runners"),
-            Target::Runner,
-            &policy.allowed_runners,
-        );
+        c.references(S, &format!("{base}/approvers"), Target::Role, &policy.approvers);
+        c.references(S, &format!("{base}/allowed_runners"), Target::Runner, &policy.allowed_runners);
         for (i, window) in policy.change_windows.iter().enumerate() {
-            timezone(
-                c,
-                S,
-                &format!("{base}/change_windows/{i}/timezone"),
-                &window.timezone,
-            );
+            timezone(c, S, &format!("{base}/change_windows/{i}/timezone"), &window.timezone);
         }
     }
 }

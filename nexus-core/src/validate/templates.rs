@@ -23,9 +23,7 @@ use crate::model::{Pipeline, Ssot, Step};
 fn namespaces(kind: RegistryKind) -> &'static [&'static str] {
     match kind {
         RegistryKind::Automation => &["params", "env", "secrets", "run"],
-        RegistryKind::Pipeline => &[
-            "params", "env", "secrets", "steps", "matrix", "run", "pipeline",
-        ],
+        RegistryKind::Pipeline => &["params", "env", "secrets", "steps", "matrix", "run", "pipeline"],
         RegistryKind::Orchestration => &["env", "secrets", "event"],
         RegistryKind::Monitoring => &["env", "secrets", "event", "run", "pipeline"],
         RegistryKind::Security => &["env"],
@@ -33,15 +31,7 @@ fn namespaces(kind: RegistryKind) -> &'static [&'static str] {
 }
 
 /// Functions and values minijinja provides, read as variables by the analysis.
-const GLOBALS: &[&str] = &[
-    "range",
-    "dict",
-    "namespace",
-    "loop",
-    "true",
-    "false",
-    "none",
-];
+const GLOBALS: &[&str] = &["range", "dict", "namespace", "loop", "true", "false", "none"];
 
 /// A compiled template's variables, or its syntax error.
 type Analysis = Result<Vec<String>, (String, Option<usize>)>;
@@ -55,27 +45,20 @@ pub(crate) fn check(ssot: &Ssot, options: &Options, ctx: &mut Ctx<'_>) {
     }
     let scope = Scope::new(ssot, options);
     for (kind, ptr, text, is_condition) in found {
-        let analysis = cache
-            .entry((is_condition, text.clone()))
-            .or_insert_with(|| analyse(&env, &text, is_condition))
-            .clone();
+        let analysis =
+            cache.entry((is_condition, text.clone())).or_insert_with(|| analyse(&env, &text, is_condition)).clone();
         match analysis {
             Err((message, line)) => {
-                let within = line
-                    .filter(|l| *l > 1)
-                    .map(|l| format!(" (line {l} of the template)"))
-                    .unwrap_or_default();
+                let within =
+                    line.filter(|l| *l > 1).map(|l| format!(" (line {l} of the template)")).unwrap_or_default();
                 ctx.push(
-                    Diagnostic::error(
-                        "nexus::template_syntax",
-                        format!("invalid template{within}: {message}"),
-                    )
-                    .at(ctx.at(kind, &ptr))
-                    .expected(if is_condition {
-                        "a minijinja expression such as `params.env == 'prod'`"
-                    } else {
-                        "minijinja syntax: `{{ params.name }}`, `{% if … %}…{% endif %}`"
-                    }),
+                    Diagnostic::error("nexus::template_syntax", format!("invalid template{within}: {message}"))
+                        .at(ctx.at(kind, &ptr))
+                        .expected(if is_condition {
+                            "a minijinja expression such as `params.env == 'prod'`"
+                        } else {
+                            "minijinja syntax: `{{ params.name }}`, `{% if … %}…{% endif %}`"
+                        }),
                 );
             }
             Ok(vars) => {
@@ -97,10 +80,7 @@ fn narrow(sources: &Sources, location: Location, var: &str) -> Location {
         return location;
     };
     let window_end = (location.offset + 64 * 1024).min(file.text.len());
-    let found = file
-        .text
-        .get(location.offset..window_end)
-        .and_then(|rest| rest.find(var));
+    let found = file.text.get(location.offset..window_end).and_then(|rest| rest.find(var));
     match found {
         Some(i) => {
             let mut narrowed = file.location_of_offset(location.offset + i);
@@ -112,12 +92,7 @@ fn narrow(sources: &Sources, location: Location, var: &str) -> Location {
 }
 
 /// Finds every templated string (and every `if` condition) with its pointer.
-fn collect(
-    kind: RegistryKind,
-    value: &Value,
-    ptr: &mut String,
-    out: &mut Vec<(RegistryKind, String, String, bool)>,
-) {
+fn collect(kind: RegistryKind, value: &Value, ptr: &mut String, out: &mut Vec<(RegistryKind, String, String, bool)>) {
     match value {
         Value::String(s) => {
             let is_condition = kind == RegistryKind::Pipeline && ptr.ends_with("/if");
@@ -147,20 +122,11 @@ fn collect(
 }
 
 fn analyse(env: &Environment<'_>, text: &str, is_condition: bool) -> Analysis {
-    let error = |e: minijinja::Error| {
-        (
-            e.detail().map_or_else(|| e.to_string(), str::to_owned),
-            e.line(),
-        )
-    };
+    let error = |e: minijinja::Error| (e.detail().map_or_else(|| e.to_string(), str::to_owned), e.line());
     let vars = if is_condition {
-        env.compile_expression(text)
-            .map_err(error)?
-            .undeclared_variables(true)
+        env.compile_expression(text).map_err(error)?.undeclared_variables(true)
     } else {
-        env.template_from_str(text)
-            .map_err(error)?
-            .undeclared_variables(true)
+        env.template_from_str(text).map_err(error)?.undeclared_variables(true)
     };
     let mut vars: Vec<String> = vars.into_iter().collect();
     vars.sort();
@@ -184,11 +150,7 @@ impl<'a> Scope<'a> {
             .filter(|(name, _)| options.env.as_ref().is_none_or(|e| e == *name))
             .map(|(name, env)| (name.as_str(), env.vars.keys().map(String::as_str).collect()))
             .collect();
-        Scope {
-            ssot,
-            env_vars,
-            secrets: ssot.security.secrets.keys().map(String::as_str).collect(),
-        }
+        Scope { ssot, env_vars, secrets: ssot.security.secrets.keys().map(String::as_str).collect() }
     }
 
     /// Checks one variable read by the template at `ptr` of registry `kind`.
@@ -215,7 +177,9 @@ impl<'a> Scope<'a> {
                 Diagnostic::error("nexus::unknown_secret", format!("template reads undeclared secret `{name}`"))
                     .expected("a secret declared in `secrets` of security_registry.yaml")
                     .suggest(name, self.secrets.iter().copied())
-                    .help_or(format!("declare `{name}` in security_registry.yaml (with its `env`, `file` or `command` source)")),
+                    .help_or(format!(
+                        "declare `{name}` in security_registry.yaml (with its `env`, `file` or `command` source)"
+                    )),
             ),
             ("env", Some(&"vars")) => {
                 let name = parts.get(2)?;
@@ -226,15 +190,26 @@ impl<'a> Scope<'a> {
                 }
                 let all: Vec<&str> = self.env_vars.iter().flat_map(|(_, v)| v.iter().copied()).collect();
                 Some(
-                    Diagnostic::error("nexus::unknown_env_var", format!("template reads `env.vars.{name}`, which environment{} {} do{} not define", plural(missing.len()), quote_list(&missing), if missing.len() == 1 { "es" } else { "" }))
-                        .expected("a variable defined in `vars` of every environment")
-                        .suggest(name, all)
-                        .help_or(format!("add `{name}` to the `vars` of {}", quote_list(&missing))),
+                    Diagnostic::error(
+                        "nexus::unknown_env_var",
+                        format!(
+                            "template reads `env.vars.{name}`, which environment{} {} do{} not define",
+                            plural(missing.len()),
+                            quote_list(&missing),
+                            if missing.len() == 1 { "es" } else { "" }
+                        ),
+                    )
+                    .expected("a variable defined in `vars` of every environment")
+                    .suggest(name, all)
+                    .help_or(format!("add `{name}` to the `vars` of {}", quote_list(&missing))),
                 )
             }
             ("env", Some(field)) if !["name", "vars", "labels", "description"].contains(field) => Some(
-                Diagnostic::error("nexus::template_namespace", format!("template reads `{var}`; an environment has `name`, `vars`, `labels` and `description`"))
-                    .suggest(field, ["name", "vars", "labels", "description"]),
+                Diagnostic::error(
+                    "nexus::template_namespace",
+                    format!("template reads `{var}`; an environment has `name`, `vars`, `labels` and `description`"),
+                )
+                .suggest(field, ["name", "vars", "labels", "description"]),
             ),
             ("params", Some(name)) => {
                 let params: Vec<&str> = self.params_at(kind, &segs)?;
@@ -242,10 +217,17 @@ impl<'a> Scope<'a> {
                     return None;
                 }
                 Some(
-                    Diagnostic::error("nexus::unknown_param", format!("template reads `params.{name}`, which is not a declared parameter"))
-                        .expected(if params.is_empty() { "no parameter is declared here".to_owned() } else { format!("one of: {}", params.join(", ")) })
-                        .suggest(name, params.iter().copied())
-                        .help_or(format!("declare `{name}` under `params`")),
+                    Diagnostic::error(
+                        "nexus::unknown_param",
+                        format!("template reads `params.{name}`, which is not a declared parameter"),
+                    )
+                    .expected(if params.is_empty() {
+                        "no parameter is declared here".to_owned()
+                    } else {
+                        format!("one of: {}", params.join(", "))
+                    })
+                    .suggest(name, params.iter().copied())
+                    .help_or(format!("declare `{name}` under `params`")),
                 )
             }
             ("steps", Some(id)) => self.check_step_ref(&segs, id, parts.get(2).copied(), parts.get(3).copied()),
@@ -256,9 +238,16 @@ impl<'a> Scope<'a> {
                 }
                 let axes: Vec<&str> = step.matrix.keys().map(String::as_str).collect();
                 Some(
-                    Diagnostic::error("nexus::unknown_matrix_axis", format!("template reads `matrix.{axis}`, but step `{}` has no such matrix axis", step.id))
-                        .expected(if axes.is_empty() { "a `matrix:` on the step".to_owned() } else { format!("one of: {}", axes.join(", ")) })
-                        .suggest(axis, axes.iter().copied()),
+                    Diagnostic::error(
+                        "nexus::unknown_matrix_axis",
+                        format!("template reads `matrix.{axis}`, but step `{}` has no such matrix axis", step.id),
+                    )
+                    .expected(if axes.is_empty() {
+                        "a `matrix:` on the step".to_owned()
+                    } else {
+                        format!("one of: {}", axes.join(", "))
+                    })
+                    .suggest(axis, axes.iter().copied()),
                 )
             }
             _ => None,
@@ -269,11 +258,7 @@ impl<'a> Scope<'a> {
         if segs.first().map(String::as_str) != Some("pipelines") {
             return None;
         }
-        self.ssot
-            .pipelines
-            .pipelines
-            .get_key_value(segs.get(1)?.as_str())
-            .map(|(k, v)| (k.as_str(), v))
+        self.ssot.pipelines.pipelines.get_key_value(segs.get(1)?.as_str()).map(|(k, v)| (k.as_str(), v))
     }
 
     /// The step a pointer is inside: (group, index, step).
@@ -285,14 +270,7 @@ impl<'a> Scope<'a> {
 
     fn params_at(&self, kind: RegistryKind, segs: &[String]) -> Option<Vec<&'a str>> {
         let params = match kind {
-            RegistryKind::Automation => {
-                &self
-                    .ssot
-                    .automations
-                    .automations
-                    .get(segs.get(1)?.as_str())?
-                    .params
-            }
+            RegistryKind::Automation => &self.ssot.automations.automations.get(segs.get(1)?.as_str())?.params,
             RegistryKind::Pipeline => &self.pipeline_at(segs)?.1.params,
             _ => return None,
         };
@@ -314,9 +292,12 @@ impl<'a> Scope<'a> {
             .collect();
         let Some(target) = all.iter().find(|s| s.id == id) else {
             return Some(
-                Diagnostic::error("nexus::unknown_step", format!("template reads `steps.{id}`, but pipeline `{pipeline_name}` has no step `{id}`"))
-                    .expected("the id of a step of this pipeline")
-                    .suggest(id, all.iter().map(|s| s.id.as_str())),
+                Diagnostic::error(
+                    "nexus::unknown_step",
+                    format!("template reads `steps.{id}`, but pipeline `{pipeline_name}` has no step `{id}`"),
+                )
+                .expected("the id of a step of this pipeline")
+                .suggest(id, all.iter().map(|s| s.id.as_str())),
             );
         };
         // A main step may only read steps it waits for; hooks run after all of them.
@@ -328,18 +309,10 @@ impl<'a> Scope<'a> {
             return Some(
                 Diagnostic::error(
                     "nexus::missing_needs",
-                    format!(
-                        "step `{}` reads `steps.{id}` but does not depend on `{id}`",
-                        reader.id
-                    ),
+                    format!("step `{}` reads `steps.{id}` but does not depend on `{id}`", reader.id),
                 )
-                .expected(format!(
-                    "`{id}` among the step's `needs` (directly or through other steps)"
-                ))
-                .help(format!(
-                    "add `needs: [{id}]` to step `{}` so `{id}` has finished when it runs",
-                    reader.id
-                )),
+                .expected(format!("`{id}` among the step's `needs` (directly or through other steps)"))
+                .help(format!("add `needs: [{id}]` to step `{}` so `{id}` has finished when it runs", reader.id)),
             );
         }
         if field != Some("outputs") {
@@ -347,22 +320,26 @@ impl<'a> Scope<'a> {
         }
         let output = output?;
         let declared: Vec<&str> = match &target.uses {
-            Some(a) => self
-                .ssot
-                .automations
-                .automations
-                .get(a)
-                .map(|a| a.outputs.keys().map(String::as_str).collect())?,
+            Some(a) => {
+                self.ssot.automations.automations.get(a).map(|a| a.outputs.keys().map(String::as_str).collect())?
+            }
             None => target.outputs.keys().map(String::as_str).collect(),
         };
         if declared.contains(&output) {
             return None;
         }
         Some(
-            Diagnostic::error("nexus::unknown_output", format!("template reads `steps.{id}.outputs.{output}`, but step `{id}` declares no output `{output}`"))
-                .expected(if declared.is_empty() { "an output declared under `outputs:`".to_owned() } else { format!("one of: {}", declared.join(", ")) })
-                .suggest(output, declared.iter().copied())
-                .help_or(format!("declare `{output}` under the `outputs` of `{}`", target.uses.as_deref().unwrap_or(id))),
+            Diagnostic::error(
+                "nexus::unknown_output",
+                format!("template reads `steps.{id}.outputs.{output}`, but step `{id}` declares no output `{output}`"),
+            )
+            .expected(if declared.is_empty() {
+                "an output declared under `outputs:`".to_owned()
+            } else {
+                format!("one of: {}", declared.join(", "))
+            })
+            .suggest(output, declared.iter().copied())
+            .help_or(format!("declare `{output}` under the `outputs` of `{}`", target.uses.as_deref().unwrap_or(id))),
         )
     }
 }
@@ -386,11 +363,7 @@ fn depends_on(steps: &[Step], from: &str, on: &str) -> bool {
         if !seen.insert(id) {
             continue;
         }
-        for need in by_id
-            .get(id)
-            .map(|s| s.needs.as_slice())
-            .unwrap_or_default()
-        {
+        for need in by_id.get(id).map(|s| s.needs.as_slice()).unwrap_or_default() {
             if need == on {
                 return true;
             }
@@ -401,10 +374,7 @@ fn depends_on(steps: &[Step], from: &str, on: &str) -> bool {
 }
 
 fn segments(ptr: &str) -> Vec<String> {
-    ptr.split('/')
-        .skip(1)
-        .map(|s| s.replace("~1", "/").replace("~0", "~"))
-        .collect()
+    ptr.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~")).collect()
 }
 
 fn plural(n: usize) -> &'static str {
@@ -412,9 +382,5 @@ fn plural(n: usize) -> &'static str {
 }
 
 fn quote_list(items: &[&str]) -> String {
-    items
-        .iter()
-        .map(|i| format!("`{i}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
 }

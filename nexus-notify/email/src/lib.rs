@@ -95,8 +95,7 @@ impl ComponentKind for EmailKind {
     type Trait = dyn Notifier;
     type Spec = EmailSpec;
     const KIND: &'static str = EMAIL_KIND;
-    const DESCRIPTION: &'static str =
-        "Email through an SMTP server (STARTTLS or TLS, optional authentication).";
+    const DESCRIPTION: &'static str = "Email through an SMTP server (STARTTLS or TLS, optional authentication).";
 
     fn example() -> EmailSpec {
         EmailSpec {
@@ -114,29 +113,18 @@ impl ComponentKind for EmailKind {
 
     fn validate(spec: &EmailSpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
-        if !is_template(&spec.host)
-            && (spec.host.contains("://") || spec.host.contains(char::is_whitespace))
-        {
+        if !is_template(&spec.host) && (spec.host.contains("://") || spec.host.contains(char::is_whitespace)) {
             issues.push(SpecIssue::new(
                 &["host"],
-                format!(
-                    "`{}` is not a host name; give the host only, and the rest in `port` and `tls`",
-                    spec.host
-                ),
+                format!("`{}` is not a host name; give the host only, and the rest in `port` and `tls`", spec.host),
             ));
         }
         match (&spec.username, &spec.password) {
             (Some(_), None) => {
-                issues.push(SpecIssue::new(
-                    &["password"],
-                    "`username` needs a `password`; give both or neither",
-                ));
+                issues.push(SpecIssue::new(&["password"], "`username` needs a `password`; give both or neither"));
             }
             (None, Some(_)) => {
-                issues.push(SpecIssue::new(
-                    &["username"],
-                    "`password` needs a `username`; give both or neither",
-                ));
+                issues.push(SpecIssue::new(&["username"], "`password` needs a `username`; give both or neither"));
             }
             _ => {}
         }
@@ -158,15 +146,8 @@ impl ComponentKind for EmailKind {
                 check_address(&mut issues, &[field, &i.to_string()], address);
             }
         }
-        if spec
-            .subject_prefix
-            .as_deref()
-            .is_some_and(|p| p.contains(['\r', '\n']))
-        {
-            issues.push(SpecIssue::new(
-                &["subject_prefix"],
-                "the subject prefix must be a single line",
-            ));
+        if spec.subject_prefix.as_deref().is_some_and(|p| p.contains(['\r', '\n'])) {
+            issues.push(SpecIssue::new(&["subject_prefix"], "the subject prefix must be a single line"));
         }
         issues
     }
@@ -191,11 +172,7 @@ fn check_address(issues: &mut Vec<SpecIssue>, path: &[&str], text: &str) {
     if is_template(text) {
         return;
     }
-    let address = text
-        .trim_end()
-        .strip_suffix('>')
-        .and_then(|t| t.rsplit_once('<'))
-        .map_or(text, |(_, a)| a);
+    let address = text.trim_end().strip_suffix('>').and_then(|t| t.rsplit_once('<')).map_or(text, |(_, a)| a);
     let problem = if address.contains([',', ';']) {
         "give one address per item"
     } else if text.contains(['\r', '\n']) {
@@ -216,10 +193,7 @@ fn check_address(issues: &mut Vec<SpecIssue>, path: &[&str], text: &str) {
             _ => "expected an address such as `ops@example.com` or `Ops <ops@example.com>`",
         }
     };
-    issues.push(SpecIssue::new(
-        path,
-        format!("`{text}` is not an email address: {problem}"),
-    ));
+    issues.push(SpecIssue::new(path, format!("`{text}` is not an email address: {problem}")));
 }
 
 /// Whether `value` holds a template, whose rendered form cannot be checked yet.
@@ -273,25 +247,17 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
     }
 
     #[test]
     fn defaults_fill_a_minimal_spec() {
-        let spec: EmailSpec = serde_json::from_value(
-            json!({"host": "localhost", "from": "nexus@localhost", "to": ["root@localhost"]}),
-        )
-        .unwrap();
+        let spec: EmailSpec =
+            serde_json::from_value(json!({"host": "localhost", "from": "nexus@localhost", "to": ["root@localhost"]}))
+                .unwrap();
         assert_eq!(spec.port, 587);
         assert_eq!(spec.tls, Tls::Starttls);
         assert!(EmailKind::validate(&spec).is_empty());
@@ -301,102 +267,53 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
     #[test]
     fn host_is_a_host_name() {
-        check(
-            example_with(json!({"host": "smtp://mail.example.com"})),
-            &["host"],
-            "not a host name",
-        );
+        check(example_with(json!({"host": "smtp://mail.example.com"})), &["host"], "not a host name");
     }
 
     #[test]
     fn username_and_password_come_together() {
-        check(
-            example_with(json!({"password": null})),
-            &["password"],
-            "give both",
-        );
-        check(
-            example_with(json!({"username": null})),
-            &["username"],
-            "give both",
-        );
+        check(example_with(json!({"password": null})), &["password"], "give both");
+        check(example_with(json!({"username": null})), &["username"], "give both");
     }
 
     #[test]
     fn password_must_be_a_secret_reference_and_never_sent_in_clear() {
-        check(
-            example_with(json!({"password": "hunter2"})),
-            &["password"],
-            "{{ secrets.",
-        );
+        check(example_with(json!({"password": "hunter2"})), &["password"], "{{ secrets.");
         check(example_with(json!({"tls": "none"})), &["tls"], "in clear");
     }
 
     #[test]
     fn recipients_are_a_non_empty_list_of_addresses() {
         check(example_with(json!({"to": []})), &["to"], "at least one");
-        check(
-            example_with(json!({"to": ["ops@example.com", "oncall"]})),
-            &["to", "1"],
-            "not an email address",
-        );
-        check(
-            example_with(json!({"to": ["a@example.com, b@example.com"]})),
-            &["to", "0"],
-            "one address per item",
-        );
-        check(
-            example_with(json!({"cc": ["lead@@example.com"]})),
-            &["cc", "0"],
-            "not an email address",
-        );
-        let fine =
-            json!({"to": ["\"Ops, EU\" <ops-eu@example.com>", "{{ env.vars.oncall_email }}"]});
+        check(example_with(json!({"to": ["ops@example.com", "oncall"]})), &["to", "1"], "not an email address");
+        check(example_with(json!({"to": ["a@example.com, b@example.com"]})), &["to", "0"], "one address per item");
+        check(example_with(json!({"cc": ["lead@@example.com"]})), &["cc", "0"], "not an email address");
+        let fine = json!({"to": ["\"Ops, EU\" <ops-eu@example.com>", "{{ env.vars.oncall_email }}"]});
         assert!(descriptor().validate(&example_with(fine)).is_empty());
     }
 
     #[test]
     fn sender_is_an_address() {
-        check(
-            example_with(json!({"from": "Nexus"})),
-            &["from"],
-            "not an email address",
-        );
-        check(
-            example_with(json!({"from": "Nexus <nexus@example.com>\r\nBcc: x@evil"})),
-            &["from"],
-            "single line",
-        );
+        check(example_with(json!({"from": "Nexus"})), &["from"], "not an email address");
+        check(example_with(json!({"from": "Nexus <nexus@example.com>\r\nBcc: x@evil"})), &["from"], "single line");
     }
 
     #[test]
     fn subject_prefix_is_one_line() {
-        check(
-            example_with(json!({"subject_prefix": "[nexus]\nBcc: x@evil"})),
-            &["subject_prefix"],
-            "single line",
-        );
+        check(example_with(json!({"subject_prefix": "[nexus]\nBcc: x@evil"})), &["subject_prefix"], "single line");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"bcc": ["x@example.com"]})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `bcc`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `bcc`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"bcc": ["x@example.com"]}))));
     }

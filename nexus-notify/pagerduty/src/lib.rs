@@ -75,8 +75,7 @@ impl ComponentKind for PagerDutyKind {
     type Trait = dyn Notifier;
     type Spec = PagerDutySpec;
     const KIND: &'static str = PAGERDUTY_KIND;
-    const DESCRIPTION: &'static str =
-        "PagerDuty Events API v2: trigger and resolve incidents by dedup key.";
+    const DESCRIPTION: &'static str = "PagerDuty Events API v2: trigger and resolve incidents by dedup key.";
 
     fn example() -> PagerDutySpec {
         PagerDutySpec {
@@ -92,12 +91,7 @@ impl ComponentKind for PagerDutyKind {
     fn validate(spec: &PagerDutySpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
         check_secret_ref(&mut issues, &["routing_key"], &spec.routing_key);
-        check_url(
-            &mut issues,
-            &["events_url"],
-            &spec.events_url,
-            &["https", "http"],
-        );
+        check_url(&mut issues, &["events_url"], &spec.events_url, &["https", "http"]);
         issues
     }
 
@@ -135,26 +129,16 @@ fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &
     if is_template(value) {
         return;
     }
-    let expected = schemes
-        .iter()
-        .map(|s| format!("`{s}://`"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
     match value.split_once("://") {
         Some((scheme, _)) if schemes.contains(&scheme) => {}
         _ => {
-            issues.push(SpecIssue::new(
-                path,
-                format!("`{value}` is not a URL starting with {expected}"),
-            ));
+            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
             return;
         }
     }
     if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(
-            path,
-            format!("`{value}` must name a host and contain no spaces"),
-        ));
+        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
     }
 }
 
@@ -204,24 +188,16 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
     }
 
     #[test]
     fn a_routing_key_alone_is_enough() {
         let spec: PagerDutySpec =
-            serde_json::from_value(json!({"routing_key": "{{ secrets.pagerduty_routing_key }}"}))
-                .unwrap();
+            serde_json::from_value(json!({"routing_key": "{{ secrets.pagerduty_routing_key }}"})).unwrap();
         assert_eq!(spec.events_url, DEFAULT_EVENTS_URL);
         assert!(PagerDutyKind::validate(&spec).is_empty());
     }
@@ -230,55 +206,29 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
     #[test]
     fn routing_key_must_be_a_secret_reference() {
-        check(
-            example_with(json!({"routing_key": "R0UT1NGK3Y"})),
-            &["routing_key"],
-            "{{ secrets.",
-        );
+        check(example_with(json!({"routing_key": "R0UT1NGK3Y"})), &["routing_key"], "{{ secrets.");
         let issues = descriptor().validate(&example_with(json!({"routing_key": "R0UT1NGK3Y"})));
         assert!(!issues[0].message.contains("R0UT1NGK3Y"), "{issues:#?}");
     }
 
     #[test]
     fn events_url_is_an_http_url() {
-        check(
-            example_with(json!({"events_url": "events.pagerduty.com/v2/enqueue"})),
-            &["events_url"],
-            "`https://`",
-        );
-        check(
-            example_with(json!({"events_url": "https://u:p@events.test/v2"})),
-            &["events_url"],
-            "credentials",
-        );
-        assert!(
-            descriptor()
-                .validate(&example_with(
-                    json!({"events_url": "http://127.0.0.1:8080/v2"})
-                ))
-                .is_empty()
-        );
+        check(example_with(json!({"events_url": "events.pagerduty.com/v2/enqueue"})), &["events_url"], "`https://`");
+        check(example_with(json!({"events_url": "https://u:p@events.test/v2"})), &["events_url"], "credentials");
+        assert!(descriptor().validate(&example_with(json!({"events_url": "http://127.0.0.1:8080/v2"}))).is_empty());
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"severity": "critical"})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `severity`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `severity`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"severity": "critical"}))));
     }
@@ -303,9 +253,6 @@ mod tests {
     fn registers_as_a_notifier_kind() {
         let mut catalog = Catalog::new();
         register_pagerduty_notifier(&mut catalog).unwrap();
-        assert_eq!(
-            catalog.notifiers.get(PAGERDUTY_KIND).unwrap().kind,
-            "pagerduty"
-        );
+        assert_eq!(catalog.notifiers.get(PAGERDUTY_KIND).unwrap().kind, "pagerduty");
     }
 }

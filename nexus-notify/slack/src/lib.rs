@@ -82,10 +82,9 @@ impl ComponentKind for SlackKind {
         let mut issues = Vec::new();
         match (&spec.webhook_url, &spec.token, &spec.channel) {
             (Some(_), None, None) | (None, Some(_), Some(_)) => {}
-            (Some(_), Some(_), _) => issues.push(SpecIssue::new(
-                &[],
-                "give either `webhook_url`, or `token` and `channel`, not both forms",
-            )),
+            (Some(_), Some(_), _) => {
+                issues.push(SpecIssue::new(&[], "give either `webhook_url`, or `token` and `channel`, not both forms"))
+            }
             (Some(_), None, Some(_)) => issues.push(SpecIssue::new(
                 &["channel"],
                 "a webhook posts to the channel it was created for; remove `channel`, or use `token` instead of \
@@ -112,16 +111,10 @@ impl ComponentKind for SlackKind {
         if let Some(channel) = spec.channel.as_ref().filter(spaced) {
             issues.push(SpecIssue::new(
                 &["channel"],
-                format!(
-                    "`{channel}` is not a channel: a name (`#ops-alerts`) or an id has no spaces"
-                ),
+                format!("`{channel}` is not a channel: a name (`#ops-alerts`) or an id has no spaces"),
             ));
         }
-        if let Some(emoji) = spec
-            .icon_emoji
-            .as_ref()
-            .filter(|e| !is_template(e) && !is_emoji_code(e))
-        {
+        if let Some(emoji) = spec.icon_emoji.as_ref().filter(|e| !is_template(e) && !is_emoji_code(e)) {
             issues.push(SpecIssue::new(
                 &["icon_emoji"],
                 format!("`{emoji}` is not an emoji code; write it between colons, such as `:rotating_light:`"),
@@ -149,12 +142,7 @@ pub fn register_slack_notifier(catalog: &mut Catalog) -> Result<()> {
 fn is_emoji_code(text: &str) -> bool {
     text.strip_prefix(':')
         .and_then(|t| t.strip_suffix(':'))
-        .is_some_and(|name| {
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-+'".contains(c))
-        })
+        .is_some_and(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-+'".contains(c)))
 }
 
 /// Whether `value` holds a template, whose rendered form cannot be checked yet.
@@ -208,116 +196,57 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
     }
 
     #[test]
     fn a_webhook_alone_is_enough() {
         let spec = json!({"webhook_url": "{{ secrets.slack_webhook_url }}"});
-        assert!(
-            descriptor().validate(&spec).is_empty(),
-            "{:#?}",
-            descriptor().validate(&spec)
-        );
+        assert!(descriptor().validate(&spec).is_empty(), "{:#?}", descriptor().validate(&spec));
     }
 
     #[test]
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
     #[test]
     fn exactly_one_form_is_given() {
         let webhook = "{{ secrets.slack_webhook_url }}";
-        check(
-            example_with(json!({"webhook_url": webhook})),
-            &[],
-            "not both forms",
-        );
-        check(
-            example_with(json!({"webhook_url": webhook, "token": null})),
-            &["channel"],
-            "remove `channel`",
-        );
-        check(
-            example_with(json!({"channel": null})),
-            &["channel"],
-            "needs the `channel`",
-        );
-        check(
-            example_with(json!({"token": null})),
-            &["token"],
-            "needs a bot `token`",
-        );
-        check(
-            json!({"username": "Nexus"}),
-            &[],
-            "give `webhook_url`, or `token` and `channel`",
-        );
+        check(example_with(json!({"webhook_url": webhook})), &[], "not both forms");
+        check(example_with(json!({"webhook_url": webhook, "token": null})), &["channel"], "remove `channel`");
+        check(example_with(json!({"channel": null})), &["channel"], "needs the `channel`");
+        check(example_with(json!({"token": null})), &["token"], "needs a bot `token`");
+        check(json!({"username": "Nexus"}), &[], "give `webhook_url`, or `token` and `channel`");
     }
 
     #[test]
     fn credentials_must_be_secret_references() {
-        check(
-            example_with(json!({"token": "xoxb-123-456-abc"})),
-            &["token"],
-            "{{ secrets.",
-        );
+        check(example_with(json!({"token": "xoxb-123-456-abc"})), &["token"], "{{ secrets.");
         let literal = json!({"webhook_url": "https://hooks.slack.com/services/T0/B0/XYZ"});
         check(literal, &["webhook_url"], "{{ secrets.");
     }
 
     #[test]
     fn channel_and_icon_have_their_shapes() {
-        check(
-            example_with(json!({"channel": "#ops alerts"})),
-            &["channel"],
-            "no spaces",
-        );
-        check(
-            example_with(json!({"icon_emoji": "robot_face"})),
-            &["icon_emoji"],
-            "between colons",
-        );
-        assert!(
-            descriptor()
-                .validate(&example_with(json!({"icon_emoji": ":+1:"})))
-                .is_empty()
-        );
+        check(example_with(json!({"channel": "#ops alerts"})), &["channel"], "no spaces");
+        check(example_with(json!({"icon_emoji": "robot_face"})), &["icon_emoji"], "between colons");
+        assert!(descriptor().validate(&example_with(json!({"icon_emoji": ":+1:"}))).is_empty());
     }
 
     #[test]
     fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(
-            json!({"icon_url": "https://example.com/x.png"}),
-        ));
+        let issues = descriptor().validate(&example_with(json!({"icon_url": "https://example.com/x.png"})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `icon_url`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `icon_url`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(
-            json!({"icon_url": "https://example.com/x.png"})
-        )));
+        assert!(!schema.is_valid(&example_with(json!({"icon_url": "https://example.com/x.png"}))));
     }
 
     #[test]
@@ -326,10 +255,7 @@ mod tests {
         spec.token = Some("xoxb-s3cr3t".to_owned());
         spec.webhook_url = Some("https://hooks.slack.com/services/T0/B0/S3CR3T".to_owned());
         let shown = format!("{spec:?}");
-        assert!(
-            !shown.contains("s3cr3t") && !shown.contains("S3CR3T"),
-            "{shown}"
-        );
+        assert!(!shown.contains("s3cr3t") && !shown.contains("S3CR3T"), "{shown}");
         assert!(shown.contains("token: Some(\"***\")"), "{shown}");
     }
 

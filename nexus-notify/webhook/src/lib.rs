@@ -72,10 +72,7 @@ impl fmt::Debug for WebhookSpec {
             .field("url", &redacted_url(&self.url))
             .field("method", &self.method)
             .field("headers", &HeaderNames(&self.headers))
-            .field(
-                "signing_secret",
-                &self.signing_secret.as_ref().map(|_| "***"),
-            )
+            .field("signing_secret", &self.signing_secret.as_ref().map(|_| "***"))
             .field("signature_header", &self.signature_header)
             .field("timeout", &self.timeout)
             .finish()
@@ -87,9 +84,7 @@ struct HeaderNames<'a>(&'a Map<String>);
 
 impl fmt::Debug for HeaderNames<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.keys().map(|name| (name, "***")))
-            .finish()
+        f.debug_map().entries(self.0.keys().map(|name| (name, "***"))).finish()
     }
 }
 
@@ -101,14 +96,8 @@ fn redacted_url(url: &str) -> String {
         return "***".to_owned();
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let host = rest[..end]
-        .rsplit_once('@')
-        .map_or(&rest[..end], |(_, host)| host);
-    if end == rest.len() {
-        format!("{scheme}://{host}")
-    } else {
-        format!("{scheme}://{host}/***")
-    }
+    let host = rest[..end].rsplit_once('@').map_or(&rest[..end], |(_, host)| host);
+    if end == rest.len() { format!("{scheme}://{host}") } else { format!("{scheme}://{host}/***") }
 }
 
 /// The `webhook` notifier kind.
@@ -118,17 +107,13 @@ impl ComponentKind for WebhookKind {
     type Trait = dyn Notifier;
     type Spec = WebhookSpec;
     const KIND: &'static str = WEBHOOK_KIND;
-    const DESCRIPTION: &'static str =
-        "A JSON request to any URL, optionally signed with HMAC-SHA256.";
+    const DESCRIPTION: &'static str = "A JSON request to any URL, optionally signed with HMAC-SHA256.";
 
     fn example() -> WebhookSpec {
         WebhookSpec {
             url: "https://hooks.example.com/nexus/events".to_owned(),
             method: Method::Post,
-            headers: Map::from_iter([(
-                "Authorization".to_owned(),
-                "Bearer {{ secrets.hooks_token }}".to_owned(),
-            )]),
+            headers: Map::from_iter([("Authorization".to_owned(), "Bearer {{ secrets.hooks_token }}".to_owned())]),
             signing_secret: Some("{{ secrets.webhook_signing_key }}".to_owned()),
             signature_header: DEFAULT_SIGNATURE_HEADER.to_owned(),
             timeout: Some(Duration(std::time::Duration::from_secs(10))),
@@ -145,13 +130,8 @@ impl ComponentKind for WebhookKind {
                     format!("`{name}` is not a valid header name: use letters, digits and `-`, without spaces or `:`"),
                 ));
             } else if value.contains(['\r', '\n']) {
-                issues.push(SpecIssue::new(
-                    &["headers", name],
-                    "a header value must be a single line",
-                ));
-            } else if spec.signing_secret.is_some()
-                && name.eq_ignore_ascii_case(&spec.signature_header)
-            {
+                issues.push(SpecIssue::new(&["headers", name], "a header value must be a single line"));
+            } else if spec.signing_secret.is_some() && name.eq_ignore_ascii_case(&spec.signature_header) {
                 issues.push(SpecIssue::new(
                     &["headers", name],
                     format!("`{name}` carries the signature; remove it from `headers` or change `signature_header`"),
@@ -166,18 +146,14 @@ impl ComponentKind for WebhookKind {
                 &["signature_header"],
                 format!("`{}` is not a valid header name", spec.signature_header),
             ));
-        } else if spec.signing_secret.is_none() && spec.signature_header != DEFAULT_SIGNATURE_HEADER
-        {
+        } else if spec.signing_secret.is_none() && spec.signature_header != DEFAULT_SIGNATURE_HEADER {
             issues.push(SpecIssue::new(
                 &["signature_header"],
                 "requests are signed only with a `signing_secret`; set it or remove `signature_header`",
             ));
         }
         if spec.timeout.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(
-                &["timeout"],
-                "the timeout must be longer than zero",
-            ));
+            issues.push(SpecIssue::new(&["timeout"], "the timeout must be longer than zero"));
         }
         issues
     }
@@ -216,26 +192,16 @@ fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &
     if is_template(value) {
         return;
     }
-    let expected = schemes
-        .iter()
-        .map(|s| format!("`{s}://`"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
     match value.split_once("://") {
         Some((scheme, _)) if schemes.contains(&scheme) => {}
         _ => {
-            issues.push(SpecIssue::new(
-                path,
-                format!("`{value}` is not a URL starting with {expected}"),
-            ));
+            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
             return;
         }
     }
     if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(
-            path,
-            format!("`{value}` must name a host and contain no spaces"),
-        ));
+        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
     }
 }
 
@@ -253,10 +219,7 @@ fn check_secret_ref(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str) {
 
 /// Whether `name` is an HTTP token (RFC 9110 §5.6.2), as header names must be.
 fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
 }
 
 #[cfg(test)]
@@ -293,23 +256,15 @@ mod tests {
     #[test]
     fn example_is_valid_against_schema_and_validate() {
         let d = descriptor();
-        assert!(
-            d.validate(&d.example).is_empty(),
-            "{:#?}",
-            d.validate(&d.example)
-        );
+        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
         let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema
-            .iter_errors(&d.example)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{errors:#?}");
     }
 
     #[test]
     fn defaults_fill_a_minimal_spec() {
-        let spec: WebhookSpec =
-            serde_json::from_value(json!({"url": "http://localhost:8080/hook"})).unwrap();
+        let spec: WebhookSpec = serde_json::from_value(json!({"url": "http://localhost:8080/hook"})).unwrap();
         assert_eq!(spec.method, Method::Post);
         assert_eq!(spec.signature_header, DEFAULT_SIGNATURE_HEADER);
         assert!(WebhookKind::validate(&spec).is_empty());
@@ -319,106 +274,57 @@ mod tests {
     fn every_field_is_documented_in_the_schema() {
         let schema = descriptor().spec_schema;
         for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(
-                property["description"]
-                    .as_str()
-                    .is_some_and(|d| !d.is_empty()),
-                "`{name}` has no description"
-            );
+            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
         }
     }
 
     #[test]
     fn method_is_post_or_put() {
-        assert!(
-            descriptor()
-                .validate(&example_with(json!({"method": "PUT"})))
-                .is_empty()
-        );
+        assert!(descriptor().validate(&example_with(json!({"method": "PUT"}))).is_empty());
         let issues = descriptor().validate(&example_with(json!({"method": "GET"})));
-        assert!(
-            issues[0].message.contains("unknown variant `GET`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown variant `GET`"), "{issues:#?}");
     }
 
     #[test]
     fn url_is_an_http_url_without_credentials() {
-        check(
-            example_with(json!({"url": "hooks.example.com/nexus"})),
-            &["url"],
-            "`http://` or `https://`",
-        );
-        check(
-            example_with(json!({"url": "https://u:p@hooks.example.com/"})),
-            &["url"],
-            "credentials",
-        );
+        check(example_with(json!({"url": "hooks.example.com/nexus"})), &["url"], "`http://` or `https://`");
+        check(example_with(json!({"url": "https://u:p@hooks.example.com/"})), &["url"], "credentials");
     }
 
     #[test]
     fn header_names_and_values_are_checked() {
-        check(
-            example_with(json!({"headers": {"X Token": "x"}})),
-            &["headers", "X Token"],
-            "header name",
-        );
-        check(
-            example_with(json!({"headers": {"X-A": "a\nX-B: b"}})),
-            &["headers", "X-A"],
-            "single line",
-        );
+        check(example_with(json!({"headers": {"X Token": "x"}})), &["headers", "X Token"], "header name");
+        check(example_with(json!({"headers": {"X-A": "a\nX-B: b"}})), &["headers", "X-A"], "single line");
     }
 
     #[test]
     fn the_signature_header_is_not_set_by_hand() {
         let headers = json!({"headers": {"x-nexus-signature-256": "sha256=00"}});
-        check(
-            example_with(headers),
-            &["headers", "x-nexus-signature-256"],
-            "carries the signature",
-        );
+        check(example_with(headers), &["headers", "x-nexus-signature-256"], "carries the signature");
     }
 
     #[test]
     fn signing_secret_must_be_a_secret_reference() {
-        check(
-            example_with(json!({"signing_secret": "hunter2"})),
-            &["signing_secret"],
-            "{{ secrets.",
-        );
+        check(example_with(json!({"signing_secret": "hunter2"})), &["signing_secret"], "{{ secrets.");
     }
 
     #[test]
     fn a_signature_header_needs_a_signing_secret() {
-        let spec = example_with(
-            json!({"signing_secret": null, "signature_header": "X-Hub-Signature-256"}),
-        );
+        let spec = example_with(json!({"signing_secret": null, "signature_header": "X-Hub-Signature-256"}));
         check(spec, &["signature_header"], "only with a `signing_secret`");
-        check(
-            example_with(json!({"signature_header": "X Sig"})),
-            &["signature_header"],
-            "not a valid header name",
-        );
+        check(example_with(json!({"signature_header": "X Sig"})), &["signature_header"], "not a valid header name");
     }
 
     #[test]
     fn timeout_must_be_positive() {
-        check(
-            example_with(json!({"timeout": "0s"})),
-            &["timeout"],
-            "longer than zero",
-        );
+        check(example_with(json!({"timeout": "0s"})), &["timeout"], "longer than zero");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
         let issues = descriptor().validate(&example_with(json!({"secret": "{{ secrets.x }}"})));
         assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(
-            issues[0].message.contains("unknown field `secret`"),
-            "{issues:#?}"
-        );
+        assert!(issues[0].message.contains("unknown field `secret`"), "{issues:#?}");
         let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
         assert!(!schema.is_valid(&example_with(json!({"secret": "{{ secrets.x }}"}))));
     }
@@ -428,16 +334,12 @@ mod tests {
         let mut spec = WebhookKind::example();
         spec.url = "https://chat.example.com/hooks/T0K3N?key=K3Y".to_owned();
         spec.signing_secret = Some("s1gn1ng-s3cr3t".to_owned());
-        spec.headers
-            .insert("Authorization".to_owned(), "Bearer b34r3r".to_owned());
+        spec.headers.insert("Authorization".to_owned(), "Bearer b34r3r".to_owned());
         let shown = format!("{spec:?}");
         for secret in ["T0K3N", "K3Y", "s1gn1ng-s3cr3t", "b34r3r"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
-        assert!(
-            shown.contains("url: \"https://chat.example.com/***\""),
-            "{shown}"
-        );
+        assert!(shown.contains("url: \"https://chat.example.com/***\""), "{shown}");
     }
 
     #[test]

@@ -133,8 +133,7 @@ impl ComponentKind for DockerRunnerKind {
     type Trait = dyn Runner;
     type Spec = DockerSpec;
     const KIND: &'static str = DOCKER_KIND;
-    const DESCRIPTION: &'static str =
-        "runs steps in containers on a Docker host (execution not implemented yet)";
+    const DESCRIPTION: &'static str = "runs steps in containers on a Docker host (execution not implemented yet)";
 
     fn example() -> DockerSpec {
         DockerSpec {
@@ -153,11 +152,7 @@ impl ComponentKind for DockerRunnerKind {
                     target: "/usr/local/cargo/registry".to_owned(),
                     read_only: false,
                 },
-                Mount {
-                    source: "/etc/ssl/certs".to_owned(),
-                    target: "/etc/ssl/certs".to_owned(),
-                    read_only: true,
-                },
+                Mount { source: "/etc/ssl/certs".to_owned(), target: "/etc/ssl/certs".to_owned(), read_only: true },
             ],
             memory: Some("2g".to_owned()),
             cpus: Some(2.0),
@@ -176,20 +171,21 @@ impl ComponentKind for DockerRunnerKind {
             issues.push(SpecIssue::new(&["image"], problem));
         }
         if let Some(entrypoint) = &spec.entrypoint
-            && entrypoint
-                .first()
-                .is_none_or(|program| program.trim().is_empty())
+            && entrypoint.first().is_none_or(|program| program.trim().is_empty())
         {
             issues.push(SpecIssue::new(
-                    &["entrypoint"],
-                    "the entrypoint is empty; give the program first (`[\"/bin/sh\", \"-c\"]`) or remove it",
-                ));
+                &["entrypoint"],
+                "the entrypoint is empty; give the program first (`[\"/bin/sh\", \"-c\"]`) or remove it",
+            ));
         }
         for (field, value) in [("user", &spec.user), ("network", &spec.network)] {
             if let Some(value) = value.as_deref().filter(|v| !is_template(v))
                 && (value.is_empty() || value.chars().any(char::is_whitespace))
             {
-                issues.push(SpecIssue::new(&[field], format!("`{value}` is not a valid {field}: it must be a non-empty name without spaces")));
+                issues.push(SpecIssue::new(
+                    &[field],
+                    format!("`{value}` is not a valid {field}: it must be a non-empty name without spaces"),
+                ));
             }
         }
         let mut targets: Vec<&str> = Vec::new();
@@ -202,10 +198,7 @@ impl ComponentKind for DockerRunnerKind {
                 if !mount.target.starts_with('/') {
                     issues.push(SpecIssue::new(
                         &["mounts", &index, "target"],
-                        format!(
-                            "mount target `{}` must be an absolute path inside the container",
-                            mount.target
-                        ),
+                        format!("mount target `{}` must be an absolute path inside the container", mount.target),
                     ));
                 } else if mount.target.trim_end_matches('/').is_empty() {
                     issues.push(SpecIssue::new(
@@ -215,7 +208,10 @@ impl ComponentKind for DockerRunnerKind {
                 } else if targets.contains(&mount.target.as_str()) {
                     issues.push(SpecIssue::new(
                         &["mounts", &index, "target"],
-                        format!("`{}` is the target of an earlier mount; each target can be mounted once", mount.target),
+                        format!(
+                            "`{}` is the target of an earlier mount; each target can be mounted once",
+                            mount.target
+                        ),
                     ));
                 }
                 targets.push(&mount.target);
@@ -239,9 +235,7 @@ impl ComponentKind for DockerRunnerKind {
         {
             issues.push(SpecIssue::new(
                 &["cpus"],
-                format!(
-                    "`{cpus}` CPUs is not a limit: give a number above 0, such as `0.5` or `2`"
-                ),
+                format!("`{cpus}` CPUs is not a limit: give a number above 0, such as `0.5` or `2`"),
             ));
         }
         if let Some(host) = spec.host.as_deref().filter(|h| !is_template(h))
@@ -253,9 +247,7 @@ impl ComponentKind for DockerRunnerKind {
             if name.is_empty() || name.chars().any(char::is_whitespace) {
                 issues.push(SpecIssue::new(
                     &["labels", name],
-                    format!(
-                        "`{name}` is not a valid label name: it must be non-empty, without spaces"
-                    ),
+                    format!("`{name}` is not a valid label name: it must be non-empty, without spaces"),
                 ));
             }
         }
@@ -306,9 +298,7 @@ fn image_problem(image: &str) -> Option<String> {
         return Some("the image is empty; name one such as `alpine:3.20`".to_owned());
     }
     if image.chars().any(char::is_whitespace) || image.starts_with(['-', '/', ':', '@']) {
-        return Some(format!(
-            "`{image}` is not an image reference: expected `[registry/]name[:tag][@digest]`"
-        ));
+        return Some(format!("`{image}` is not an image reference: expected `[registry/]name[:tag][@digest]`"));
     }
     let (name, digest) = match image.split_once('@') {
         Some((name, digest)) => (name, Some(digest)),
@@ -319,18 +309,14 @@ fn image_problem(image: &str) -> Option<String> {
             !algorithm.is_empty() && hex.len() >= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())
         });
         if !valid {
-            return Some(format!(
-                "`{image}` has an invalid digest: expected `@sha256:` and the hexadecimal digest"
-            ));
+            return Some(format!("`{image}` has an invalid digest: expected `@sha256:` and the hexadecimal digest"));
         }
     }
     // A tag is after the last `:` that follows the last `/` (a registry may have a port).
     let path = match name.rsplit_once(':') {
         Some((path, tag)) if !tag.contains('/') => {
             if tag.is_empty() {
-                return Some(format!(
-                    "`{image}` has an empty tag: remove the `:` or give a tag"
-                ));
+                return Some(format!("`{image}` has an empty tag: remove the `:` or give a tag"));
             }
             path
         }
@@ -344,13 +330,8 @@ fn image_problem(image: &str) -> Option<String> {
     if components.iter().any(|c| c.is_empty()) {
         return Some(format!("`{image}` has an empty path component"));
     }
-    if components
-        .iter()
-        .any(|c| c.chars().any(|ch| ch.is_ascii_uppercase()))
-    {
-        return Some(format!(
-            "`{image}`: an image's repository name must be lowercase"
-        ));
+    if components.iter().any(|c| c.chars().any(|ch| ch.is_ascii_uppercase())) {
+        return Some(format!("`{image}`: an image's repository name must be lowercase"));
     }
     None
 }
@@ -361,15 +342,11 @@ fn mount_source_problem(source: &str) -> Option<String> {
         return None;
     }
     if source.is_empty() {
-        return Some(
-            "the mount source is empty; give an absolute host path or a volume name".to_owned(),
-        );
+        return Some("the mount source is empty; give an absolute host path or a volume name".to_owned());
     }
     let volume_name = source.len() >= 2
         && source.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && source
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && source.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if volume_name {
         None
     } else {
@@ -382,9 +359,7 @@ fn mount_source_problem(source: &str) -> Option<String> {
 /// A Docker memory size (`512m`, `1g`, `1.5g`, `1024k`, `536870912`, `512MiB`) in bytes.
 fn parse_memory(text: &str) -> Option<u64> {
     let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
+    let digits_end = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
     let number: f64 = number.parse().ok()?;
     let unit = unit.trim_start().to_ascii_lowercase();
@@ -410,9 +385,7 @@ fn host_problem(host: &str) -> Option<String> {
             "`{host}` is not a Docker host address: it must start with unix://, tcp://, ssh:// or npipe:// (such as `unix:///var/run/docker.sock` or `tcp://build-host:2376`)"
         )),
         Some(scheme) if host.len() == scheme.len() || host.chars().any(char::is_whitespace) => {
-            Some(format!(
-                "`{host}` is not a Docker host address: give the socket path or host after `{scheme}`"
-            ))
+            Some(format!("`{host}` is not a Docker host address: give the socket path or host after `{scheme}`"))
         }
         Some(_) => None,
     }
@@ -424,17 +397,13 @@ mod tests {
 
     fn issues(value: serde_json::Value) -> Vec<String> {
         let spec: DockerSpec = serde_json::from_value(value).unwrap();
-        DockerRunnerKind::validate(&spec)
-            .into_iter()
-            .map(|i| format!("{}: {}", i.path.join("."), i.message))
-            .collect()
+        DockerRunnerKind::validate(&spec).into_iter().map(|i| format!("{}: {}", i.path.join("."), i.message)).collect()
     }
 
     #[test]
     fn example_validates_clean_and_defaults_apply() {
         assert!(DockerRunnerKind::validate(&DockerRunnerKind::example()).is_empty());
-        let minimal: DockerSpec =
-            serde_json::from_value(serde_json::json!({"image": "alpine:3.20"})).unwrap();
+        let minimal: DockerSpec = serde_json::from_value(serde_json::json!({"image": "alpine:3.20"})).unwrap();
         assert_eq!(minimal.pull, PullPolicy::IfMissing);
         assert!(minimal.remove);
         assert!(DockerRunnerKind::validate(&minimal).is_empty());
@@ -482,10 +451,7 @@ mod tests {
         assert_eq!(parse_memory("1048576"), Some(1 << 20));
         assert_eq!(parse_memory("m"), None);
         assert_eq!(parse_memory("1q"), None);
-        assert_eq!(
-            issues(serde_json::json!({"image": "a", "memory": "4m"})).len(),
-            1
-        );
+        assert_eq!(issues(serde_json::json!({"image": "a", "memory": "4m"})).len(), 1);
     }
 
     #[test]
@@ -518,17 +484,12 @@ mod tests {
 
     #[test]
     fn build_is_unsupported_and_debug_hides_env_values() {
-        let err = DockerRunnerKind::build(DockerRunnerKind::example())
-            .err()
-            .unwrap();
+        let err = DockerRunnerKind::build(DockerRunnerKind::example()).err().unwrap();
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert_eq!(err.operation(), "runner.build");
         let mut spec = DockerRunnerKind::example();
         spec.env.insert("TOKEN".to_owned(), "hunter2".to_owned());
         let shown = format!("{spec:?}");
-        assert!(
-            shown.contains("TOKEN") && !shown.contains("hunter2"),
-            "{shown}"
-        );
+        assert!(shown.contains("TOKEN") && !shown.contains("hunter2"), "{shown}");
     }
 }

@@ -190,8 +190,7 @@ impl ComponentKind for KubernetesRunnerKind {
     type Trait = dyn Runner;
     type Spec = KubernetesSpec;
     const KIND: &'static str = KUBERNETES_KIND;
-    const DESCRIPTION: &'static str =
-        "runs steps as Kubernetes Jobs (execution not implemented yet)";
+    const DESCRIPTION: &'static str = "runs steps as Kubernetes Jobs (execution not implemented yet)";
 
     fn example() -> KubernetesSpec {
         let quantity = |q: &str| Some(Quantity(q.to_owned()));
@@ -202,14 +201,8 @@ impl ComponentKind for KubernetesRunnerKind {
             kubeconfig: None,
             service_account: Some("nexus-runner".to_owned()),
             resources: Some(Resources {
-                requests: Some(ResourceList {
-                    cpu: quantity("500m"),
-                    memory: quantity("512Mi"),
-                }),
-                limits: Some(ResourceList {
-                    cpu: quantity("2"),
-                    memory: quantity("2Gi"),
-                }),
+                requests: Some(ResourceList { cpu: quantity("500m"), memory: quantity("512Mi") }),
+                limits: Some(ResourceList { cpu: quantity("2"), memory: quantity("2Gi") }),
             }),
             node_selector: Map::from_iter([("kubernetes.io/arch".to_owned(), "amd64".to_owned())]),
             tolerations: vec![Toleration {
@@ -219,10 +212,7 @@ impl ComponentKind for KubernetesRunnerKind {
                 effect: Some(TaintEffect::NoSchedule),
                 toleration_seconds: None,
             }],
-            labels: Map::from_iter([(
-                "app.kubernetes.io/part-of".to_owned(),
-                "platform".to_owned(),
-            )]),
+            labels: Map::from_iter([("app.kubernetes.io/part-of".to_owned(), "platform".to_owned())]),
             ttl_seconds_after_finished: Some(3600),
             image_pull_policy: Some(ImagePullPolicy::IfNotPresent),
         }
@@ -231,41 +221,25 @@ impl ComponentKind for KubernetesRunnerKind {
     fn validate(spec: &KubernetesSpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
         if let Some(problem) = dns_label_problem(&spec.namespace) {
-            issues.push(SpecIssue::new(
-                &["namespace"],
-                format!("namespace {problem}"),
-            ));
+            issues.push(SpecIssue::new(&["namespace"], format!("namespace {problem}")));
         }
         if let Some(account) = &spec.service_account
             && let Some(problem) = dns_subdomain_problem(account)
         {
-            issues.push(SpecIssue::new(
-                &["service_account"],
-                format!("service account {problem}"),
-            ));
+            issues.push(SpecIssue::new(&["service_account"], format!("service account {problem}")));
         }
-        for (field, value) in [
-            ("image", &spec.image),
-            ("context", &spec.context),
-            ("kubeconfig", &spec.kubeconfig),
-        ] {
+        for (field, value) in [("image", &spec.image), ("context", &spec.context), ("kubeconfig", &spec.kubeconfig)] {
             if let Some(value) = value.as_deref().filter(|v| !is_template(v))
-                && (value.trim().is_empty()
-                    || (field == "image" && value.chars().any(char::is_whitespace)))
+                && (value.trim().is_empty() || (field == "image" && value.chars().any(char::is_whitespace)))
             {
-                issues.push(SpecIssue::new(
-                    &[field],
-                    format!("`{value}` is not a valid {field}; remove it or give one"),
-                ));
+                issues
+                    .push(SpecIssue::new(&[field], format!("`{value}` is not a valid {field}; remove it or give one")));
             }
         }
         if let Some(resources) = &spec.resources {
             check_resources(resources, &mut issues);
         }
-        for (field, map) in [
-            ("node_selector", &spec.node_selector),
-            ("labels", &spec.labels),
-        ] {
+        for (field, map) in [("node_selector", &spec.node_selector), ("labels", &spec.labels)] {
             for (key, value) in map {
                 if let Some(problem) = label_key_problem(key) {
                     issues.push(SpecIssue::new(&[field, key], problem));
@@ -302,20 +276,11 @@ fn is_template(value: &str) -> bool {
 
 fn check_resources(resources: &Resources, issues: &mut Vec<SpecIssue>) {
     let mut parsed = [[None; 2]; 2]; // [requests, limits] × [cpu, memory]
-    for (which, list) in [
-        ("requests", &resources.requests),
-        ("limits", &resources.limits),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (which, list) in [("requests", &resources.requests), ("limits", &resources.limits)].into_iter().enumerate() {
         let (section, Some(list)) = list else {
             continue;
         };
-        for (what, quantity) in [("cpu", &list.cpu), ("memory", &list.memory)]
-            .into_iter()
-            .enumerate()
-        {
+        for (what, quantity) in [("cpu", &list.cpu), ("memory", &list.memory)].into_iter().enumerate() {
             let (resource, Some(Quantity(text))) = quantity else {
                 continue;
             };
@@ -353,10 +318,12 @@ fn check_resources(resources: &Resources, issues: &mut Vec<SpecIssue>) {
 fn check_toleration(index: &str, toleration: &Toleration, issues: &mut Vec<SpecIssue>) {
     let key = toleration.key.as_deref().filter(|k| !k.is_empty());
     match toleration.operator {
-        TolerationOperator::Exists if toleration.value.as_deref().is_some_and(|v| !v.is_empty()) => issues.push(SpecIssue::new(
-            &["tolerations", index, "value"],
-            "a toleration with operator `Exists` matches any value: remove `value`, or use operator `Equal`",
-        )),
+        TolerationOperator::Exists if toleration.value.as_deref().is_some_and(|v| !v.is_empty()) => {
+            issues.push(SpecIssue::new(
+                &["tolerations", index, "value"],
+                "a toleration with operator `Exists` matches any value: remove `value`, or use operator `Equal`",
+            ))
+        }
         TolerationOperator::Equal if key.is_none() => issues.push(SpecIssue::new(
             &["tolerations", index, "key"],
             "a toleration without `key` must use operator `Exists` (it then tolerates every taint)",
@@ -366,8 +333,7 @@ fn check_toleration(index: &str, toleration: &Toleration, issues: &mut Vec<SpecI
     if let Some(problem) = key.and_then(label_key_problem) {
         issues.push(SpecIssue::new(&["tolerations", index, "key"], problem));
     }
-    if toleration.toleration_seconds.is_some() && toleration.effect != Some(TaintEffect::NoExecute)
-    {
+    if toleration.toleration_seconds.is_some() && toleration.effect != Some(TaintEffect::NoExecute) {
         issues.push(SpecIssue::new(
             &["tolerations", index, "toleration_seconds"],
             "`toleration_seconds` applies only to effect `NoExecute`",
@@ -406,12 +372,7 @@ fn parse_quantity(text: &str) -> Option<f64> {
         exponent => {
             let digits = exponent.strip_prefix(['e', 'E'])?;
             let digits = digits.strip_prefix('+').unwrap_or(digits);
-            if digits.is_empty()
-                || !digits
-                    .trim_start_matches('-')
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-            {
+            if digits.is_empty() || !digits.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
             10f64.powi(digits.parse().ok()?)
@@ -444,11 +405,8 @@ fn dns_subdomain_problem(name: &str) -> Option<String> {
     if is_template(name) {
         return None;
     }
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .split('.')
-            .all(|label| dns_label_problem(label).is_none());
+    let valid =
+        !name.is_empty() && name.len() <= 253 && name.split('.').all(|label| dns_label_problem(label).is_none());
     (!valid).then(|| {
         format!("`{name}` is not a valid name: lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit")
     })
@@ -459,9 +417,7 @@ fn dns_subdomain_problem(name: &str) -> Option<String> {
 fn label_name_valid(name: &str) -> bool {
     let alnum = |c: char| c.is_ascii_alphanumeric();
     name.len() <= 63
-        && name
-            .chars()
-            .all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
+        && name.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
         && (name.is_empty() || name.starts_with(alnum) && name.ends_with(alnum))
 }
 
@@ -474,9 +430,7 @@ fn label_key_problem(key: &str) -> Option<String> {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    let valid = !name.is_empty()
-        && label_name_valid(name)
-        && prefix.is_none_or(|p| dns_subdomain_problem(p).is_none());
+    let valid = !name.is_empty() && label_name_valid(name) && prefix.is_none_or(|p| dns_subdomain_problem(p).is_none());
     (!valid).then(|| {
         format!("`{key}` is not a valid label key: `[prefix/]name`, the name at most 63 letters, digits, `-`, `_` and `.`, the prefix a DNS name")
     })
@@ -502,10 +456,7 @@ mod tests {
     }
 
     fn paths(found: &[String]) -> Vec<&str> {
-        found
-            .iter()
-            .map(|i| i.split(" | ").next().unwrap())
-            .collect()
+        found.iter().map(|i| i.split(" | ").next().unwrap()).collect()
     }
 
     #[test]
@@ -561,14 +512,10 @@ mod tests {
         for bad in ["", "Mi", "1.2.3", "12MB", "1e", "ten"] {
             assert_eq!(parse_quantity(bad), None, "{bad}");
         }
-        let numbers: KubernetesSpec = serde_json::from_value(
-            serde_json::json!({"resources": {"limits": {"cpu": 1.5, "memory": 1073741824}}}),
-        )
-        .unwrap();
-        assert_eq!(
-            numbers.resources.unwrap().limits.unwrap().cpu,
-            Some(Quantity("1.5".to_owned()))
-        );
+        let numbers: KubernetesSpec =
+            serde_json::from_value(serde_json::json!({"resources": {"limits": {"cpu": 1.5, "memory": 1073741824}}}))
+                .unwrap();
+        assert_eq!(numbers.resources.unwrap().limits.unwrap().cpu, Some(Quantity("1.5".to_owned())));
     }
 
     #[test]
@@ -583,9 +530,7 @@ mod tests {
 
     #[test]
     fn build_is_unsupported() {
-        let err = KubernetesRunnerKind::build(KubernetesRunnerKind::example())
-            .err()
-            .unwrap();
+        let err = KubernetesRunnerKind::build(KubernetesRunnerKind::example()).err().unwrap();
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert_eq!(err.operation(), "runner.build");
     }

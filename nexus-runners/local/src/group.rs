@@ -18,10 +18,7 @@ impl ProcessGroup {
     /// The group led by `pid`.
     pub(crate) fn new(pid: u32) -> Option<Self> {
         let pid = i32::try_from(pid).ok().filter(|p| *p > 1)?;
-        Some(ProcessGroup {
-            pgid: Pid::from_raw(pid),
-            armed: true,
-        })
+        Some(ProcessGroup { pgid: Pid::from_raw(pid), armed: true })
     }
 
     /// Sends `signal` to every member; false when the group no longer exists.
@@ -67,10 +64,7 @@ fn live_member_in_proc(pgid: i32) -> Option<bool> {
     let entries = std::fs::read_dir("/proc").ok()?;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
             continue;
         };
         // A process may exit while we look: a missing file just means it is gone.

@@ -105,12 +105,7 @@ impl fmt::Debug for LocalSpec {
 }
 
 /// Variables Nexus sets for every attempt; a spec may not set them.
-pub const RESERVED_VARS: &[&str] = &[
-    "NEXUS_OUTPUT",
-    "NEXUS_RUN_ID",
-    "NEXUS_STEP_ID",
-    "NEXUS_ATTEMPT",
-];
+pub const RESERVED_VARS: &[&str] = &["NEXUS_OUTPUT", "NEXUS_RUN_ID", "NEXUS_STEP_ID", "NEXUS_ATTEMPT"];
 
 /// The `local` runner kind, for the [`Catalog`].
 pub struct LocalRunnerKind;
@@ -119,8 +114,7 @@ impl ComponentKind for LocalRunnerKind {
     type Trait = dyn Runner;
     type Spec = LocalSpec;
     const KIND: &'static str = LOCAL_KIND;
-    const DESCRIPTION: &'static str =
-        "runs steps as processes on this machine, each in its own process group";
+    const DESCRIPTION: &'static str = "runs steps as processes on this machine, each in its own process group";
 
     fn example() -> LocalSpec {
         let mut env = Map::new();
@@ -138,10 +132,7 @@ impl ComponentKind for LocalRunnerKind {
         let mut issues = Vec::new();
         if !is_template(&spec.shell) {
             if spec.shell.trim().is_empty() {
-                issues.push(SpecIssue::new(
-                    &["shell"],
-                    "the shell is empty; name one such as `sh` or `bash`",
-                ));
+                issues.push(SpecIssue::new(&["shell"], "the shell is empty; name one such as `sh` or `bash`"));
             } else if spec.shell.chars().any(char::is_whitespace) {
                 issues.push(SpecIssue::new(
                     &["shell"],
@@ -155,10 +146,7 @@ impl ComponentKind for LocalRunnerKind {
         if let Some(dir) = &spec.working_dir
             && dir.trim().is_empty()
         {
-            issues.push(SpecIssue::new(
-                &["working_dir"],
-                "the working directory is empty; remove it or give a path",
-            ));
+            issues.push(SpecIssue::new(&["working_dir"], "the working directory is empty; remove it or give a path"));
         }
         for name in spec.env.keys() {
             if let Some(problem) = env_name_problem(name) {
@@ -192,14 +180,10 @@ fn env_name_problem(name: &str) -> Option<String> {
         return Some("an environment variable's name cannot be empty".to_owned());
     }
     if name.contains('=') || name.contains('\0') {
-        return Some(format!(
-            "`{name}` is not a valid environment variable name: it cannot contain `=` or NUL"
-        ));
+        return Some(format!("`{name}` is not a valid environment variable name: it cannot contain `=` or NUL"));
     }
     if RESERVED_VARS.contains(&name) {
-        return Some(format!(
-            "`{name}` is set by Nexus for every attempt; choose another name"
-        ));
+        return Some(format!("`{name}` is set by Nexus for every attempt; choose another name"));
     }
     None
 }
@@ -229,20 +213,14 @@ mod tests {
         );
         let issues = LocalRunnerKind::validate(&bad);
         let paths: Vec<_> = issues.iter().map(|i| i.path.join(".")).collect();
-        assert_eq!(
-            paths,
-            ["shell", "env.NEXUS_OUTPUT", "env.A=B"],
-            "{issues:?}"
-        );
+        assert_eq!(paths, ["shell", "env.NEXUS_OUTPUT", "env.A=B"], "{issues:?}");
         assert!(issues[0].message.contains("SHELL -c SCRIPT"));
     }
 
     #[test]
     fn unknown_fields_and_bad_durations_are_refused() {
         assert!(serde_json::from_value::<LocalSpec>(serde_json::json!({"shel": "sh"})).is_err());
-        assert!(
-            serde_json::from_value::<LocalSpec>(serde_json::json!({"kill_grace": "soon"})).is_err()
-        );
+        assert!(serde_json::from_value::<LocalSpec>(serde_json::json!({"kill_grace": "soon"})).is_err());
     }
 
     #[test]
@@ -250,10 +228,7 @@ mod tests {
         let mut spec = LocalSpec::default();
         spec.env.insert("TOKEN".to_owned(), "hunter2".to_owned());
         let shown = format!("{spec:?}");
-        assert!(
-            shown.contains("TOKEN") && !shown.contains("hunter2"),
-            "{shown}"
-        );
+        assert!(shown.contains("TOKEN") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
@@ -264,10 +239,7 @@ mod tests {
         let properties = descriptor.spec_schema["properties"].as_object().unwrap();
         assert_eq!(properties.len(), 5);
         for (name, property) in properties {
-            assert!(
-                property.get("description").is_some(),
-                "field `{name}` has no description: {property}"
-            );
+            assert!(property.get("description").is_some(), "field `{name}` has no description: {property}");
         }
         assert_eq!(descriptor.spec_schema["additionalProperties"], false);
     }

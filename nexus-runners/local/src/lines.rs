@@ -9,11 +9,7 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Reads `reader` to its end, sending each line to `logs` as soon as it is complete.
 /// Memory use stays within a few times [`MAX_LINE_BYTES`], whatever the output.
-pub(crate) async fn pump<R: AsyncRead + Unpin>(
-    reader: Option<R>,
-    stream: Stream,
-    logs: &dyn LogSink,
-) {
+pub(crate) async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: Stream, logs: &dyn LogSink) {
     let Some(reader) = reader else { return };
     let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
     let mut line: Vec<u8> = Vec::new();
@@ -63,10 +59,7 @@ fn emit(logs: &dyn LogSink, stream: Stream, bytes: &[u8]) {
 /// the bytes are not UTF-8 there). `bytes.len()` must be greater than `max`.
 fn char_boundary(bytes: &[u8], max: usize) -> usize {
     let is_continuation = |b: u8| b & 0xC0 == 0x80;
-    (max.saturating_sub(3)..=max)
-        .rev()
-        .find(|&cut| cut > 0 && !is_continuation(bytes[cut]))
-        .unwrap_or(max)
+    (max.saturating_sub(3)..=max).rev().find(|&cut| cut > 0 && !is_continuation(bytes[cut])).unwrap_or(max)
 }
 
 #[cfg(test)]

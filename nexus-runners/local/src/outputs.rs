@@ -29,9 +29,7 @@ pub(crate) fn read_outputs(path: &Path) -> (Map<String>, Vec<String>) {
         // Keep whole lines only.
         let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         bytes.truncate(end);
-        notes.push(format!(
-            "$NEXUS_OUTPUT is larger than {MAX_OUTPUT_BYTES} bytes; the rest was ignored"
-        ));
+        notes.push(format!("$NEXUS_OUTPUT is larger than {MAX_OUTPUT_BYTES} bytes; the rest was ignored"));
     }
     let (outputs, more) = parse_outputs(&String::from_utf8_lossy(&bytes));
     notes.extend(more);
@@ -52,9 +50,7 @@ pub(crate) fn parse_outputs(text: &str) -> (Map<String>, Vec<String>) {
         if let Some((key, delimiter)) = heredoc {
             let (key, delimiter) = (key.trim(), delimiter.trim());
             if key.is_empty() || delimiter.is_empty() {
-                notes.push(format!(
-                    "$NEXUS_OUTPUT line {number}: expected `key<<DELIMITER`"
-                ));
+                notes.push(format!("$NEXUS_OUTPUT line {number}: expected `key<<DELIMITER`"));
                 continue;
             }
             let mut value: Vec<&str> = Vec::new();
@@ -79,9 +75,7 @@ pub(crate) fn parse_outputs(text: &str) -> (Map<String>, Vec<String>) {
             Some((key, value)) if !key.trim().is_empty() => {
                 outputs.insert(key.trim().to_owned(), value.to_owned());
             }
-            _ => notes.push(format!(
-                "$NEXUS_OUTPUT line {number}: expected `key=value` or `key<<DELIMITER`"
-            )),
+            _ => notes.push(format!("$NEXUS_OUTPUT line {number}: expected `key=value` or `key<<DELIMITER`")),
         }
     }
     (outputs, notes)

@@ -45,11 +45,7 @@ impl LocalRunner {
     fn program<'t>(&'t self, task: &'t Task) -> Result<(&'t str, Vec<&'t str>)> {
         match &task.program {
             Program::Shell { shell, script } => {
-                let shell = if shell.trim().is_empty() {
-                    self.spec.shell.as_str()
-                } else {
-                    shell.as_str()
-                };
+                let shell = if shell.trim().is_empty() { self.spec.shell.as_str() } else { shell.as_str() };
                 Ok((shell, vec!["-c", script.as_str()]))
             }
             Program::Argv(argv) => match argv.split_first() {
@@ -62,11 +58,9 @@ impl LocalRunner {
                     "the program to run is empty (`argv` has no program name)",
                 )),
             },
-            _ => Err(step_error(
-                ErrorKind::Unsupported,
-                task,
-                "the local runner does not support this kind of program",
-            )),
+            _ => {
+                Err(step_error(ErrorKind::Unsupported, task, "the local runner does not support this kind of program"))
+            }
         }
     }
 
@@ -81,13 +75,7 @@ impl LocalRunner {
         }
     }
 
-    fn command(
-        &self,
-        task: &Task,
-        program: &str,
-        args: &[&str],
-        output_file: &Path,
-    ) -> Result<Command> {
+    fn command(&self, task: &Task, program: &str, args: &[&str], output_file: &Path) -> Result<Command> {
         let mut command = Command::new(program);
         command.args(args);
         if !self.spec.inherit_env {
@@ -106,10 +94,7 @@ impl LocalRunner {
                 return Err(step_error(
                     ErrorKind::NotFound,
                     task,
-                    format!(
-                        "working directory `{}` does not exist or is not a directory",
-                        dir.display()
-                    ),
+                    format!("working directory `{}` does not exist or is not a directory", dir.display()),
                 )
                 .with_context("working_dir", dir.display()));
             }
@@ -135,49 +120,26 @@ enum Stop {
 
 #[async_trait]
 impl Runner for LocalRunner {
-    async fn run(
-        &self,
-        task: &Task,
-        logs: &dyn LogSink,
-        cancel: CancellationToken,
-    ) -> Result<Outcome> {
+    async fn run(&self, task: &Task, logs: &dyn LogSink, cancel: CancellationToken) -> Result<Outcome> {
         if cancel.is_cancelled() {
-            return Err(step_error(
-                ErrorKind::Cancelled,
-                task,
-                "cancelled before it started",
-            ));
+            return Err(step_error(ErrorKind::Cancelled, task, "cancelled before it started"));
         }
         let (program, args) = self.program(task)?;
-        let output_file = tempfile::Builder::new()
-            .prefix("nexus-output-")
-            .tempfile()
-            .map_err(|e| {
-                step_error(
-                    ErrorKind::Unavailable,
-                    task,
-                    "cannot create the $NEXUS_OUTPUT file in the temporary directory",
-                )
+        let output_file = tempfile::Builder::new().prefix("nexus-output-").tempfile().map_err(|e| {
+            step_error(ErrorKind::Unavailable, task, "cannot create the $NEXUS_OUTPUT file in the temporary directory")
                 .with_source(e)
-            })?;
+        })?;
         let mut command = self.command(task, program, &args, output_file.path())?;
 
         let started = SystemTime::now();
         let deadline = task.timeout.map(|t| Instant::now() + t);
         let mut child = command.spawn().map_err(|e| spawn_error(task, program, e))?;
         let Some(group) = child.id().and_then(ProcessGroup::new) else {
-            return Err(step_error(
-                ErrorKind::Internal,
-                task,
-                "the process started but has no usable pid",
-            ));
+            return Err(step_error(ErrorKind::Internal, task, "the process started but has no usable pid"));
         };
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let io = async move {
-            tokio::join!(
-                pump(stdout, Stream::Stdout, logs),
-                pump(stderr, Stream::Stderr, logs)
-            );
+            tokio::join!(pump(stdout, Stream::Stdout, logs), pump(stderr, Stream::Stderr, logs));
         };
         let mut io = std::pin::pin!(io);
         let mut io_done = false;
@@ -213,17 +175,9 @@ impl Runner for LocalRunner {
         match stop {
             Stop::TimedOut => {
                 let limit = nexus_core::model::Duration(task.timeout.unwrap_or_default());
-                Err(step_error(
-                    ErrorKind::Timeout,
-                    task,
-                    format!("timed out after {limit}; {how}"),
-                ))
+                Err(step_error(ErrorKind::Timeout, task, format!("timed out after {limit}; {how}")))
             }
-            Stop::Cancelled => Err(step_error(
-                ErrorKind::Cancelled,
-                task,
-                format!("cancelled; {how}"),
-            )),
+            Stop::Cancelled => Err(step_error(ErrorKind::Cancelled, task, format!("cancelled; {how}"))),
             Stop::Exited(status) => {
                 let (outputs, notes) = read_outputs(output_file.path());
                 for note in notes {
@@ -287,10 +241,7 @@ async fn shutdown(
     }
     group.finish();
     let output_left_open = !io_done && timeout(DRAIN_LIMIT, io).await.is_err();
-    Stopped {
-        killed,
-        output_left_open,
-    }
+    Stopped { killed, output_left_open }
 }
 
 /// Sleeps until `deadline`, or forever when there is none.
@@ -303,49 +254,36 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 
 /// An error about the attempt of `task`.
 fn step_error(kind: ErrorKind, task: &Task, what: impl std::fmt::Display) -> Error {
-    Error::new(
-        kind,
-        format!("step `{}` (attempt {}): {what}", task.step_id, task.attempt),
-    )
-    .with_operation("runner.run")
-    .with_context("runner", LOCAL_KIND)
-    .with_context("run", &task.run_id)
-    .with_context("step", &task.step_id)
+    Error::new(kind, format!("step `{}` (attempt {}): {what}", task.step_id, task.attempt))
+        .with_operation("runner.run")
+        .with_context("runner", LOCAL_KIND)
+        .with_context("run", &task.run_id)
+        .with_context("step", &task.step_id)
 }
 
 fn spawn_error(task: &Task, program: &str, e: std::io::Error) -> Error {
     let (kind, what) = match e.raw_os_error().map(Errno::from_raw) {
         Some(Errno::ENOENT) => (
             ErrorKind::NotFound,
-            format!(
-                "program `{program}` not found: check its name, or install it and make sure it is on PATH"
-            ),
+            format!("program `{program}` not found: check its name, or install it and make sure it is on PATH"),
         ),
         Some(Errno::EACCES | Errno::EPERM) => (
             ErrorKind::PermissionDenied,
-            format!(
-                "program `{program}` cannot be executed: check that it is a file and has the execute permission"
-            ),
+            format!("program `{program}` cannot be executed: check that it is a file and has the execute permission"),
         ),
         Some(Errno::ENOEXEC) => (
             ErrorKind::InvalidConfig,
-            format!(
-                "`{program}` is not an executable format: give a script a `#!` line, or run it through a shell"
-            ),
+            format!("`{program}` is not an executable format: give a script a `#!` line, or run it through a shell"),
         ),
-        Some(Errno::E2BIG) => (
-            ErrorKind::InvalidConfig,
-            format!("cannot start `{program}`: its arguments and environment are too large"),
-        ),
-        Some(Errno::EAGAIN | Errno::ENOMEM | Errno::EMFILE | Errno::ENFILE) => (
-            ErrorKind::Unavailable,
-            format!("cannot start `{program}` now: the system is out of resources"),
-        ),
+        Some(Errno::E2BIG) => {
+            (ErrorKind::InvalidConfig, format!("cannot start `{program}`: its arguments and environment are too large"))
+        }
+        Some(Errno::EAGAIN | Errno::ENOMEM | Errno::EMFILE | Errno::ENFILE) => {
+            (ErrorKind::Unavailable, format!("cannot start `{program}` now: the system is out of resources"))
+        }
         _ => (ErrorKind::Internal, format!("cannot start `{program}`")),
     };
-    step_error(kind, task, what)
-        .with_context("program", program)
-        .with_source(e)
+    step_error(kind, task, what).with_context("program", program).with_source(e)
 }
 
 fn wait_error(task: &Task, e: std::io::Error) -> Error {

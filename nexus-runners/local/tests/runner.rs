@@ -21,27 +21,16 @@ struct Logs {
 
 impl Logs {
     fn calling(on_line: impl Fn(&str) + Send + Sync + 'static) -> Self {
-        Logs {
-            lines: Mutex::default(),
-            on_line: Some(Box::new(on_line)),
-        }
+        Logs { lines: Mutex::default(), on_line: Some(Box::new(on_line)) }
     }
     fn of(&self, stream: Stream) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(s, _)| *s == stream)
-            .map(|(_, l)| l.clone())
-            .collect()
+        self.lines.lock().unwrap().iter().filter(|(s, _)| *s == stream).map(|(_, l)| l.clone()).collect()
     }
     fn stdout(&self) -> Vec<String> {
         self.of(Stream::Stdout)
     }
     fn first_pid(&self) -> Option<i32> {
-        self.stdout()
-            .iter()
-            .find_map(|l| l.strip_prefix("pid=")?.parse().ok())
+        self.stdout().iter().find_map(|l| l.strip_prefix("pid=")?.parse().ok())
     }
 }
 
@@ -59,24 +48,12 @@ fn runner(spec: serde_json::Value) -> Arc<dyn Runner> {
     let mut catalog = Catalog::new();
     register_local_runner(&mut catalog).unwrap();
     let kind = catalog.runners.get(LOCAL_KIND).unwrap();
-    assert!(
-        kind.validate(&spec).is_empty(),
-        "{:?}",
-        kind.validate(&spec)
-    );
+    assert!(kind.validate(&spec).is_empty(), "{:?}", kind.validate(&spec));
     kind.build(spec).unwrap()
 }
 
 fn shell(script: &str) -> Task {
-    Task::new(
-        "run-1",
-        "build",
-        1,
-        Program::Shell {
-            shell: "sh".into(),
-            script: script.into(),
-        },
-    )
+    Task::new("run-1", "build", 1, Program::Shell { shell: "sh".into(), script: script.into() })
 }
 
 async fn run(runner: &dyn Runner, task: &Task, logs: &Logs) -> Result<Outcome> {
@@ -101,9 +78,7 @@ async fn eventually(limit: Duration, condition: impl Fn() -> bool) -> bool {
 fn is_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
     }
 }
 
@@ -127,9 +102,7 @@ async fn streams_lines_in_order_while_the_process_runs() {
         printf 'done'"#,
         marker.display()
     );
-    let outcome = run(&*runner(json!({})), &shell(&script), &logs)
-        .await
-        .unwrap();
+    let outcome = run(&*runner(json!({})), &shell(&script), &logs).await.unwrap();
     assert_eq!(outcome.exit_code, Some(0), "{:?}", logs.lines);
     let mut expected: Vec<String> = (1..=200).map(|i| i.to_string()).collect();
     expected.extend(["ready".to_owned(), "done".to_owned()]);
@@ -142,19 +115,9 @@ async fn streams_lines_in_order_while_the_process_runs() {
 async fn long_lines_are_split() {
     let logs = Logs::default();
     let script = "head -c 150000 /dev/zero | tr '\\0' x; echo; echo after";
-    run(&*runner(json!({})), &shell(script), &logs)
-        .await
-        .unwrap();
+    run(&*runner(json!({})), &shell(script), &logs).await.unwrap();
     let lengths: Vec<usize> = logs.stdout().iter().map(String::len).collect();
-    assert_eq!(
-        lengths,
-        [
-            MAX_LINE_BYTES,
-            MAX_LINE_BYTES,
-            150_000 - 2 * MAX_LINE_BYTES,
-            5
-        ]
-    );
+    assert_eq!(lengths, [MAX_LINE_BYTES, MAX_LINE_BYTES, 150_000 - 2 * MAX_LINE_BYTES, 5]);
 }
 
 #[tokio::test]
@@ -165,9 +128,7 @@ async fn exit_codes_and_signals_are_reported_faithfully() {
     assert!(ok.success());
     assert_eq!((ok.exit_code, ok.signal), (Some(0), None));
 
-    let failed = run(&*local, &shell("echo failing >&2; exit 1"), &logs)
-        .await
-        .unwrap();
+    let failed = run(&*local, &shell("echo failing >&2; exit 1"), &logs).await.unwrap();
     assert!(!failed.success());
     assert_eq!((failed.exit_code, failed.signal), (Some(1), None));
 
@@ -177,9 +138,7 @@ async fn exit_codes_and_signals_are_reported_faithfully() {
     assert!(!killed.success());
 
     // A shell whose child was killed by SIGKILL exits with 128 + 9.
-    let nested = run(&*local, &shell("sh -c 'kill -9 $$'"), &logs)
-        .await
-        .unwrap();
+    let nested = run(&*local, &shell("sh -c 'kill -9 $$'"), &logs).await.unwrap();
     assert_eq!((nested.exit_code, nested.signal), (Some(137), None));
 }
 
@@ -191,23 +150,13 @@ async fn env_and_working_dir() {
         "working_dir": base.path(),
         "env": {"FROM_SPEC": "spec", "OVERRIDDEN": "spec"},
     }));
-    let mut task = shell(
-        r#"echo "$FROM_SPEC $FROM_TASK $OVERRIDDEN $NEXUS_RUN_ID $NEXUS_STEP_ID $NEXUS_ATTEMPT"; pwd -P"#,
-    );
-    task.env = vec![
-        ("FROM_TASK".into(), "task".into()),
-        ("OVERRIDDEN".into(), "task".into()),
-    ];
+    let mut task =
+        shell(r#"echo "$FROM_SPEC $FROM_TASK $OVERRIDDEN $NEXUS_RUN_ID $NEXUS_STEP_ID $NEXUS_ATTEMPT"; pwd -P"#);
+    task.env = vec![("FROM_TASK".into(), "task".into()), ("OVERRIDDEN".into(), "task".into())];
     let logs = Logs::default();
     run(&*local, &task, &logs).await.unwrap();
     let canonical = |p: &Path| p.canonicalize().unwrap().display().to_string();
-    assert_eq!(
-        logs.stdout(),
-        [
-            "spec task task run-1 build 1".to_owned(),
-            canonical(base.path())
-        ]
-    );
+    assert_eq!(logs.stdout(), ["spec task task run-1 build 1".to_owned(), canonical(base.path())]);
 
     // A relative working directory is resolved against the spec's; an absolute one is kept.
     let logs = Logs::default();
@@ -224,33 +173,16 @@ async fn env_and_working_dir() {
 #[tokio::test]
 async fn without_inherit_env_only_declared_variables_are_set() {
     let local = runner(json!({"inherit_env": false, "env": {"FROM_SPEC": "spec"}}));
-    let mut task = Task::new(
-        "run-1",
-        "env",
-        2,
-        Program::Argv(vec!["/usr/bin/env".into()]),
-    );
+    let mut task = Task::new("run-1", "env", 2, Program::Argv(vec!["/usr/bin/env".into()]));
     task.env = vec![("FROM_TASK".into(), "task".into())];
     task.secrets = vec![("TOKEN".into(), SecretValue::new("t"))];
     let logs = Logs::default();
     run(&*local, &task, &logs).await.unwrap();
-    let mut names: Vec<String> = logs
-        .stdout()
-        .iter()
-        .map(|l| l.split('=').next().unwrap().to_owned())
-        .collect();
+    let mut names: Vec<String> = logs.stdout().iter().map(|l| l.split('=').next().unwrap().to_owned()).collect();
     names.sort();
     assert_eq!(
         names,
-        [
-            "FROM_SPEC",
-            "FROM_TASK",
-            "NEXUS_ATTEMPT",
-            "NEXUS_OUTPUT",
-            "NEXUS_RUN_ID",
-            "NEXUS_STEP_ID",
-            "TOKEN"
-        ]
+        ["FROM_SPEC", "FROM_TASK", "NEXUS_ATTEMPT", "NEXUS_OUTPUT", "NEXUS_RUN_ID", "NEXUS_STEP_ID", "TOKEN"]
     );
 }
 
@@ -274,9 +206,7 @@ async fn outputs_file_is_parsed_then_deleted() {
         echo "$NEXUS_OUTPUT"
     "#;
     let logs = Logs::default();
-    let outcome = run(&*runner(json!({})), &shell(script), &logs)
-        .await
-        .unwrap();
+    let outcome = run(&*runner(json!({})), &shell(script), &logs).await.unwrap();
     assert_eq!(outcome.outputs["image"], "registry.example.com/api:1.4");
     assert_eq!(outcome.outputs["url"], "http://api/?a=b");
     assert_eq!(outcome.outputs["notes"], "first\nsecond");
@@ -285,10 +215,7 @@ async fn outputs_file_is_parsed_then_deleted() {
     assert!(!Path::new(path).exists(), "{path} was not deleted");
     let notes = logs.of(Stream::Stderr);
     assert_eq!(notes.len(), 1, "{notes:?}");
-    assert!(
-        notes[0].starts_with("nexus: $NEXUS_OUTPUT line 7"),
-        "{notes:?}"
-    );
+    assert!(notes[0].starts_with("nexus: $NEXUS_OUTPUT line 7"), "{notes:?}");
 }
 
 #[tokio::test]
@@ -299,24 +226,12 @@ async fn timeout_kills_the_whole_process_group() {
     let logs = Logs::default();
     let begun = Instant::now();
     let err = run(&*local, &task, &logs).await.unwrap_err();
-    assert!(
-        begun.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        begun.elapsed()
-    );
+    assert!(begun.elapsed() < Duration::from_secs(10), "took {:?}", begun.elapsed());
     assert_eq!(err.kind(), ErrorKind::Timeout);
-    assert!(
-        err.message().contains("step `build`") && err.message().contains("timed out after 300ms"),
-        "{err}"
-    );
+    assert!(err.message().contains("step `build`") && err.message().contains("timed out after 300ms"), "{err}");
     assert!(err.message().contains("SIGTERM"), "{err}");
-    let grandchild = logs
-        .first_pid()
-        .expect("the script printed its background pid");
-    assert!(
-        eventually(Duration::from_secs(5), || is_gone(grandchild)).await,
-        "grandchild {grandchild} survived"
-    );
+    let grandchild = logs.first_pid().expect("the script printed its background pid");
+    assert!(eventually(Duration::from_secs(5), || is_gone(grandchild)).await, "grandchild {grandchild} survived");
 }
 
 #[tokio::test]
@@ -328,21 +243,11 @@ async fn processes_ignoring_sigterm_are_killed_after_the_grace_period() {
     let logs = Logs::default();
     let begun = Instant::now();
     let err = run(&*local, &task, &logs).await.unwrap_err();
-    assert!(
-        begun.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        begun.elapsed()
-    );
+    assert!(begun.elapsed() < Duration::from_secs(10), "took {:?}", begun.elapsed());
     assert_eq!(err.kind(), ErrorKind::Timeout);
-    assert!(
-        err.message().contains("SIGKILL after a 300ms grace period"),
-        "{err}"
-    );
+    assert!(err.message().contains("SIGKILL after a 300ms grace period"), "{err}");
     let grandchild = logs.first_pid().unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || is_gone(grandchild)).await,
-        "grandchild {grandchild} survived"
-    );
+    assert!(eventually(Duration::from_secs(5), || is_gone(grandchild)).await, "grandchild {grandchild} survived");
 }
 
 #[tokio::test]
@@ -355,23 +260,13 @@ async fn cancel_stops_the_attempt() {
         }
     });
     let begun = Instant::now();
-    let err = runner(json!({}))
-        .run(&shell("sleep 30 & echo pid=$!; sleep 30"), &logs, token)
-        .await
-        .unwrap_err();
-    assert!(
-        begun.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        begun.elapsed()
-    );
+    let err = runner(json!({})).run(&shell("sleep 30 & echo pid=$!; sleep 30"), &logs, token).await.unwrap_err();
+    assert!(begun.elapsed() < Duration::from_secs(10), "took {:?}", begun.elapsed());
     assert_eq!(err.kind(), ErrorKind::Cancelled);
     assert!(!err.is_retryable());
     assert!(err.message().contains("step `build`"), "{err}");
     let grandchild = logs.first_pid().unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || is_gone(grandchild)).await,
-        "grandchild {grandchild} survived"
-    );
+    assert!(eventually(Duration::from_secs(5), || is_gone(grandchild)).await, "grandchild {grandchild} survived");
 }
 
 #[tokio::test]
@@ -381,14 +276,7 @@ async fn cancelled_before_start_runs_nothing() {
     let token = CancellationToken::new();
     token.cancel();
     let logs = Logs::default();
-    let err = runner(json!({}))
-        .run(
-            &shell(&format!("touch '{}'", marker.display())),
-            &logs,
-            token,
-        )
-        .await
-        .unwrap_err();
+    let err = runner(json!({})).run(&shell(&format!("touch '{}'", marker.display())), &logs, token).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Cancelled);
     assert!(!marker.exists());
 }
@@ -402,11 +290,7 @@ async fn processes_left_behind_are_stopped_when_the_step_exits() {
     let outcome = run(&*local, &shell(script), &logs).await.unwrap();
     assert_eq!(outcome.exit_code, Some(0));
     let first = logs.first_pid().unwrap();
-    let second: i32 = logs
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("pid2=")?.parse().ok())
-        .unwrap();
+    let second: i32 = logs.stdout().iter().find_map(|l| l.strip_prefix("pid2=")?.parse().ok()).unwrap();
     assert!(eventually(Duration::from_secs(5), || is_gone(first) && is_gone(second)).await);
 }
 
@@ -424,39 +308,20 @@ async fn dropping_the_attempt_kills_its_processes() {
     }
     // The attempt's future is dropped here, as when the engine abandons it.
     let grandchild = logs.first_pid().unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || is_gone(grandchild)).await,
-        "grandchild {grandchild} survived"
-    );
+    assert!(eventually(Duration::from_secs(5), || is_gone(grandchild)).await, "grandchild {grandchild} survived");
 }
 
 #[tokio::test]
 async fn missing_program_shell_or_directory_is_not_found() {
     let logs = Logs::default();
-    let task = Task::new(
-        "run-1",
-        "deploy",
-        1,
-        Program::Argv(vec!["nexus-no-such-program".into(), "--help".into()]),
-    );
+    let task = Task::new("run-1", "deploy", 1, Program::Argv(vec!["nexus-no-such-program".into(), "--help".into()]));
     let err = run(&*runner(json!({})), &task, &logs).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    assert!(
-        err.message()
-            .contains("program `nexus-no-such-program` not found"),
-        "{err}"
-    );
+    assert!(err.message().contains("program `nexus-no-such-program` not found"), "{err}");
     assert!(err.message().contains("step `deploy`"), "{err}");
 
-    let task = Task::new(
-        "run-1",
-        "deploy",
-        1,
-        Program::Shell {
-            shell: "nexus-no-such-shell".into(),
-            script: "true".into(),
-        },
-    );
+    let task =
+        Task::new("run-1", "deploy", 1, Program::Shell { shell: "nexus-no-such-shell".into(), script: "true".into() });
     let err = run(&*runner(json!({})), &task, &logs).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(err.message().contains("`nexus-no-such-shell`"), "{err}");
@@ -465,30 +330,15 @@ async fn missing_program_shell_or_directory_is_not_found() {
     task.working_dir = Some("/nonexistent/nexus/dir".into());
     let err = run(&*runner(json!({})), &task, &logs).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    assert!(
-        err.message()
-            .contains("working directory `/nonexistent/nexus/dir`"),
-        "{err}"
-    );
+    assert!(err.message().contains("working directory `/nonexistent/nexus/dir`"), "{err}");
 }
 
 #[tokio::test]
 async fn an_empty_task_shell_uses_the_spec_shell() {
     let local = runner(json!({"shell": "bash"}));
-    let task = Task::new(
-        "run-1",
-        "build",
-        1,
-        Program::Shell {
-            shell: String::new(),
-            script: "echo $BASH_VERSION".into(),
-        },
-    );
+    let task =
+        Task::new("run-1", "build", 1, Program::Shell { shell: String::new(), script: "echo $BASH_VERSION".into() });
     let logs = Logs::default();
     run(&*local, &task, &logs).await.unwrap();
-    assert!(
-        !logs.stdout()[0].is_empty(),
-        "not run by bash: {:?}",
-        logs.stdout()
-    );
+    assert!(!logs.stdout()[0].is_empty(), "not run by bash: {:?}", logs.stdout());
 }

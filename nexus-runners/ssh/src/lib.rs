@@ -96,16 +96,12 @@ impl ComponentKind for SshRunnerKind {
     type Trait = dyn Runner;
     type Spec = SshSpec;
     const KIND: &'static str = SSH_KIND;
-    const DESCRIPTION: &'static str =
-        "runs steps on remote hosts over SSH (execution not implemented yet)";
+    const DESCRIPTION: &'static str = "runs steps on remote hosts over SSH (execution not implemented yet)";
 
     fn example() -> SshSpec {
         SshSpec {
             host: None,
-            hosts: Some(vec![
-                "app-1.prod.example.com".to_owned(),
-                "app-2.prod.example.com".to_owned(),
-            ]),
+            hosts: Some(vec!["app-1.prod.example.com".to_owned(), "app-2.prod.example.com".to_owned()]),
             user: Some("deploy".to_owned()),
             port: 22,
             identity_file: Some("/etc/nexus/keys/deploy_ed25519".to_owned()),
@@ -121,21 +117,13 @@ impl ComponentKind for SshRunnerKind {
     fn validate(spec: &SshSpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
         match (&spec.host, &spec.hosts) {
-            (Some(_), Some(_)) => issues.push(SpecIssue::new(
-                &["hosts"],
-                "give either `host` (one machine) or `hosts` (a fleet), not both",
-            )),
+            (Some(_), Some(_)) => issues
+                .push(SpecIssue::new(&["hosts"], "give either `host` (one machine) or `hosts` (a fleet), not both")),
             (None, None) => {
-                issues.push(SpecIssue::new(
-                    &[],
-                    "no host: give `host` (one machine) or `hosts` (a fleet)",
-                ));
+                issues.push(SpecIssue::new(&[], "no host: give `host` (one machine) or `hosts` (a fleet)"));
             }
             (None, Some(hosts)) if hosts.is_empty() => {
-                issues.push(SpecIssue::new(
-                    &["hosts"],
-                    "`hosts` is empty; list at least one host",
-                ));
+                issues.push(SpecIssue::new(&["hosts"], "`hosts` is empty; list at least one host"));
             }
             _ => {}
         }
@@ -148,10 +136,7 @@ impl ComponentKind for SshRunnerKind {
             if let Some(problem) = host_problem(host) {
                 issues.push(SpecIssue::new(&["hosts", &index], problem));
             } else if !is_template(host) && seen.contains(&host.as_str()) {
-                issues.push(SpecIssue::new(
-                    &["hosts", &index],
-                    format!("`{host}` is listed twice"),
-                ));
+                issues.push(SpecIssue::new(&["hosts", &index], format!("`{host}` is listed twice")));
             }
             seen.push(host);
         }
@@ -161,32 +146,19 @@ impl ComponentKind for SshRunnerKind {
                 || user.contains(['@', ':'])
                 || user.chars().any(char::is_whitespace))
         {
-            issues.push(SpecIssue::new(
-                &["user"],
-                format!("`{user}` is not a user name"),
-            ));
+            issues.push(SpecIssue::new(&["user"], format!("`{user}` is not a user name")));
         }
         if spec.port == 0 {
-            issues.push(SpecIssue::new(
-                &["port"],
-                "port 0 is not a port; SSH listens on 22 unless configured otherwise",
-            ));
+            issues
+                .push(SpecIssue::new(&["port"], "port 0 is not a port; SSH listens on 22 unless configured otherwise"));
         }
-        for (field, path) in [
-            ("identity_file", &spec.identity_file),
-            ("known_hosts_file", &spec.known_hosts_file),
-        ] {
+        for (field, path) in [("identity_file", &spec.identity_file), ("known_hosts_file", &spec.known_hosts_file)] {
             if path.as_deref().is_some_and(|p| p.trim().is_empty()) {
-                issues.push(SpecIssue::new(
-                    &[field],
-                    "the path is empty; remove the field or give a path",
-                ));
+                issues.push(SpecIssue::new(&[field], "the path is empty; remove the field or give a path"));
             }
         }
         if let Some(jump) = spec.jump_host.as_deref().filter(|j| !is_template(j)) {
-            let valid = !jump.is_empty()
-                && !jump.starts_with('-')
-                && !jump.chars().any(char::is_whitespace);
+            let valid = !jump.is_empty() && !jump.starts_with('-') && !jump.chars().any(char::is_whitespace);
             if !valid {
                 issues.push(SpecIssue::new(
                     &["jump_host"],
@@ -195,16 +167,10 @@ impl ComponentKind for SshRunnerKind {
             }
         }
         if spec.parallelism == 0 {
-            issues.push(SpecIssue::new(
-                &["parallelism"],
-                "parallelism must be at least 1",
-            ));
+            issues.push(SpecIssue::new(&["parallelism"], "parallelism must be at least 1"));
         }
         if spec.connect_timeout.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(
-                &["connect_timeout"],
-                "a connect timeout of zero would fail every connection",
-            ));
+            issues.push(SpecIssue::new(&["connect_timeout"], "a connect timeout of zero would fail every connection"));
         }
         issues
     }
@@ -240,15 +206,11 @@ fn host_problem(host: &str) -> Option<String> {
         return Some(format!("`{host}` is not a host name or address"));
     }
     if host.contains('@') {
-        return Some(format!(
-            "`{host}`: write the user in `user`, not in the host"
-        ));
+        return Some(format!("`{host}`: write the user in `user`, not in the host"));
     }
     // One colon is `host:port`; an IPv6 address has several.
     if host.matches(':').count() == 1 || host.starts_with('[') {
-        return Some(format!(
-            "`{host}`: write the port in `port`, and an IPv6 address without brackets"
-        ));
+        return Some(format!("`{host}`: write the port in `port`, and an IPv6 address without brackets"));
     }
     None
 }
@@ -259,10 +221,7 @@ mod tests {
 
     fn issues(value: serde_json::Value) -> Vec<(String, String)> {
         let spec: SshSpec = serde_json::from_value(value).unwrap();
-        SshRunnerKind::validate(&spec)
-            .into_iter()
-            .map(|i| (i.path.join("."), i.message))
-            .collect()
+        SshRunnerKind::validate(&spec).into_iter().map(|i| (i.path.join("."), i.message)).collect()
     }
 
     fn paths(value: serde_json::Value) -> Vec<String> {
@@ -282,16 +241,10 @@ mod tests {
     #[test]
     fn exactly_one_of_host_and_hosts() {
         assert_eq!(paths(serde_json::json!({})), [""]);
-        assert_eq!(
-            paths(serde_json::json!({"host": "a", "hosts": ["b"]})),
-            ["hosts"]
-        );
+        assert_eq!(paths(serde_json::json!({"host": "a", "hosts": ["b"]})), ["hosts"]);
         assert_eq!(paths(serde_json::json!({"hosts": []})), ["hosts"]);
         let (_, message) = &issues(serde_json::json!({}))[0];
-        assert!(
-            message.contains("`host`") && message.contains("`hosts`"),
-            "{message}"
-        );
+        assert!(message.contains("`host`") && message.contains("`hosts`"), "{message}");
     }
 
     #[test]
@@ -329,9 +282,7 @@ mod tests {
 
     #[test]
     fn build_is_unsupported() {
-        let err = SshRunnerKind::build(SshRunnerKind::example())
-            .err()
-            .unwrap();
+        let err = SshRunnerKind::build(SshRunnerKind::example()).err().unwrap();
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert_eq!(err.operation(), "runner.build");
     }
