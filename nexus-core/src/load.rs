@@ -339,8 +339,9 @@ fn read_file(path: &Path, sources: &mut Sources, diags: &mut Vec<Diagnostic>) ->
     let file = sources.add(SourceFile::new(path.to_owned(), text.clone()));
     match yaml::parse(&text) {
         Ok((Value::Null, _)) => {
+            let what = if text.trim().is_empty() { "is empty" } else { "holds no value, only comments" };
             diags.push(
-                Diagnostic::error("nexus::empty_file", format!("`{}` is empty", path.display()))
+                Diagnostic::error("nexus::empty_file", format!("`{}` {what}", path.display()))
                     .at(Some(sources.file_location(file)))
                     .expected("a mapping starting with `version: 1`")
                     .help("write at least `version: 1`, or run `nexus init` for a commented starter file"),
@@ -384,7 +385,15 @@ fn merge(doc: &mut RegistryDoc, file: usize, value: Value, sources: &Sources, di
             sources.files[file].location(span.unwrap_or_default())
         };
         match (target.get_mut(&section), part) {
-            (Some(Value::Number(existing)), Value::Number(new)) if section == "version" && *existing == new => {}
+            (Some(existing), new) if section == "version" => {
+                if *existing != new {
+                    diags.push(
+                        Diagnostic::error("nexus::version", format!("fragment declares `version: {new}`, but the registry is `version: {existing}`"))
+                            .at(Some(here(&section_ptr, false)))
+                            .help("every file of a registry has the same version; remove `version` from the fragment or fix it"),
+                    );
+                }
+            }
             (None, part) => {
                 if section == "version" {
                     continue;

@@ -5,13 +5,15 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let word_lower = word.to_lowercase();
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&word_lower, &c.to_lowercase()), c))
-        .filter(|(distance, c)| {
+        .filter(|c| *c != word)
+        // Distance ignoring case, then exact distance: `utc` suggests `UTC`, not `UCT`.
+        .map(|c| (strsim::damerau_levenshtein(&word_lower, &c.to_lowercase()), strsim::damerau_levenshtein(word, c), c))
+        .filter(|(distance, _, c)| {
             let len = word.chars().count().max(c.chars().count());
-            *distance > 0 && *distance <= (len / 3).max(1)
+            *distance <= (len / 3).max(1)
         })
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, c)| c)
+        .min_by_key(|(distance, exact, _)| (*distance, *exact))
+        .map(|(_, _, c)| c)
 }
 
 #[cfg(test)]
@@ -25,5 +27,6 @@ mod tests {
         assert_eq!(closest("deplyo-api", names), Some("deploy-api"));
         assert_eq!(closest("something-else", names), None);
         assert_eq!(closest("build-api", names), None);
+        assert_eq!(closest("utc", ["UCT", "UTC"]), Some("UTC"));
     }
 }

@@ -134,6 +134,8 @@ enum Frame {
         span: Span,
         anchor: usize,
         start_nodes: usize,
+        /// Greatest nesting depth among the items.
+        child_height: usize,
     },
     Map {
         map: Map<String, Value>,
@@ -143,12 +145,16 @@ enum Frame {
         span: Span,
         anchor: usize,
         start_nodes: usize,
+        /// Greatest nesting depth among the values.
+        child_height: usize,
     },
 }
 
 struct Builder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, (Value, usize)>,
+    /// Anchored values with their size in nodes and their nesting depth, so an alias is
+    /// charged for what it expands to.
+    anchors: HashMap<usize, (Value, usize, usize)>,
     root: Option<(Value, SpanNode)>,
     nodes: usize,
     documents: usize,
@@ -194,15 +200,20 @@ impl Builder {
                     return Ok(());
                 }
                 let value = scalar(&text, style, tag.as_deref()).map_err(err)?;
-                self.push_value(value, span, anchor, 1)?;
+                self.push_value(value, span, anchor, 1, 0)?;
             }
             Event::Alias(id) => {
-                let (value, size) =
+                let (value, size, height) =
                     self.anchors.get(&id).cloned().ok_or_else(|| err("alias to an unknown anchor".into()))?;
                 if self.key_expected() {
                     return Err(err("an alias cannot be used as a mapping key".into()));
                 }
-                self.push_value(value, span, 0, size)?;
+                if self.stack.len() + height > MAX_DEPTH {
+                    return Err(err(format!(
+                        "this alias expands to nesting deeper than {MAX_DEPTH} levels; a registry never needs this, flatten the structure"
+                    )));
+                }
+                self.push_value(value, span, 0, size, height)?;
             }
             Event::SequenceStart(..) | Event::MappingStart(..) if self.key_expected() => {
                 return Err(err("complex mapping keys are not supported; use a plain string key".into()));
@@ -211,7 +222,14 @@ impl Builder {
                 check_collection_tag(tag.as_deref(), "seq").map_err(err)?;
                 self.open(span)?;
                 let start_nodes = self.nodes;
-                self.stack.push(Frame::Seq { items: Vec::new(), spans: Vec::new(), span, anchor, start_nodes });
+                self.stack.push(Frame::Seq {
+                    items: Vec::new(),
+                    spans: Vec::new(),
+                    span,
+                    anchor,
+                    start_nodes,
+                    child_height: 0,
+                });
             }
             Event::MappingStart(anchor, tag) => {
                 check_collection_tag(tag.as_deref(), "map").map_err(err)?;
@@ -224,23 +242,25 @@ impl Builder {
                     span,
                     anchor,
                     start_nodes,
+                    child_height: 0,
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (value, node, anchor, start_nodes) = match self.stack.pop() {
-                    Some(Frame::Seq { items, spans, span, anchor, start_nodes }) => {
-                        (Value::Array(items), SpanNode::Seq(span, spans), anchor, start_nodes)
+                let (value, node, anchor, start_nodes, child_height) = match self.stack.pop() {
+                    Some(Frame::Seq { items, spans, span, anchor, start_nodes, child_height }) => {
+                        (Value::Array(items), SpanNode::Seq(span, spans), anchor, start_nodes, child_height)
                     }
-                    Some(Frame::Map { map, spans, span, anchor, start_nodes, .. }) => {
-                        (Value::Object(map), SpanNode::Map(span, spans), anchor, start_nodes)
+                    Some(Frame::Map { map, spans, span, anchor, start_nodes, child_height, .. }) => {
+                        (Value::Object(map), SpanNode::Map(span, spans), anchor, start_nodes, child_height)
                     }
                     None => return Err(err("unbalanced collection end".into())),
                 };
                 let size = self.nodes - start_nodes + 1;
+                let height = child_height + 1;
                 if anchor != 0 {
-                    self.anchors.insert(anchor, (value.clone(), size));
+                    self.anchors.insert(anchor, (value.clone(), size, height));
                 }
-                self.attach(value, node);
+                self.attach(value, node, height);
             }
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
         }
@@ -276,24 +296,33 @@ impl Builder {
         Ok(())
     }
 
-    fn push_value(&mut self, value: Value, span: Span, anchor: usize, size: usize) -> Result<(), YamlError> {
+    fn push_value(
+        &mut self,
+        value: Value,
+        span: Span,
+        anchor: usize,
+        size: usize,
+        height: usize,
+    ) -> Result<(), YamlError> {
         // Check the budget before the (possibly huge) aliased value is attached.
         self.count(size, span)?;
         if anchor != 0 {
-            self.anchors.insert(anchor, (value.clone(), size));
+            self.anchors.insert(anchor, (value.clone(), size, height));
         }
-        self.attach(value, SpanNode::Leaf(span));
+        self.attach(value, SpanNode::Leaf(span), height);
         Ok(())
     }
 
-    fn attach(&mut self, value: Value, node: SpanNode) {
+    fn attach(&mut self, value: Value, node: SpanNode, height: usize) {
         match self.stack.last_mut() {
             None => self.root = Some((value, node)),
-            Some(Frame::Seq { items, spans, .. }) => {
+            Some(Frame::Seq { items, spans, child_height, .. }) => {
+                *child_height = (*child_height).max(height);
                 items.push(value);
                 spans.push(node);
             }
-            Some(Frame::Map { map, spans, key, .. }) => {
+            Some(Frame::Map { map, spans, key, child_height, .. }) => {
+                *child_height = (*child_height).max(height);
                 if let Some((k, key_span)) = key.take() {
                     spans.push((k.clone(), key_span, node));
                     map.insert(k, value);
@@ -428,6 +457,16 @@ mod tests {
         assert!(parse(&doc).is_err());
         let doc = format!("{}1{}", "[".repeat(100), "]".repeat(100));
         assert!(parse(&doc).unwrap_err().message.contains("nesting deeper"));
+    }
+
+    #[test]
+    fn aliases_cannot_nest_past_the_depth_limit() {
+        let mut doc = String::from("a0: &a0 [[[[[[[[1]]]]]]]]\n");
+        for i in 1..12 {
+            doc.push_str(&format!("a{i}: &a{i} [[[[[[[[*a{}]]]]]]]]\n", i - 1));
+        }
+        let e = parse(&doc).unwrap_err();
+        assert!(e.message.contains("alias expands to nesting deeper"), "{}", e.message);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct MonitoringRegistry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
-    /// The adapter kind (`http`, `postgres`, `mysql`, `redis`, `rabbitmq`, `nats`, `s3`…).
+    /// The adapter kind (`http`, `postgres`, `redis`, `s3`, or a plugin's).
     pub kind: String,
     /// The kind's settings, checked against its schema; may use `{{ env.vars.* }}`
     /// and `{{ secrets.* }}`.
@@ -67,7 +67,7 @@ pub struct HealthCheck {
     /// Latency above which the service is reported degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded_latency: Option<Duration>,
-    /// Severity of the `HealthChanged` event when it becomes unhealthy.
+    /// Severity of the `health.changed` event when the service becomes unhealthy.
     #[serde(default)]
     pub severity: Severity,
 }
@@ -76,7 +76,7 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Monitor {
-    /// The monitor kind (`prometheus`, `pushgateway`, `grafana`, `elasticsearch`, `custom`…).
+    /// The monitor kind (`prometheus`, or a plugin's).
     pub kind: String,
     /// The kind's settings, checked against its schema.
     #[serde(default = "empty_object")]
@@ -119,7 +119,8 @@ pub struct Route {
     /// Identical notifications within this window are sent once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_window: Option<Duration>,
-    /// Whether to stop evaluating later routes after this one matched.
+    /// Whether later routes are still evaluated after this one matched (by default the
+    /// first matching route wins).
     #[serde(default, rename = "continue", skip_serializing_if = "std::ops::Not::not")]
     pub continue_matching: bool,
 }

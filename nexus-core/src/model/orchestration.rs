@@ -186,7 +186,8 @@ pub struct Schedule {
     pub pipeline: String,
     /// Environment to run it in.
     pub environment: String,
-    /// Cron expression: 5 fields (minute hour day month weekday), or 6 with seconds first.
+    /// Cron expression: 5 fields (minute hour day month weekday), 6 with seconds first,
+    /// or a nickname such as `@daily`.
     pub cron: String,
     /// IANA time zone the expression is read in (`UTC`, `Europe/Paris`).
     #[serde(default = "utc")]

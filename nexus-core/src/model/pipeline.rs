@@ -133,7 +133,8 @@ pub struct Step {
     /// Whether the run goes on when this step fails.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub continue_on_error: bool,
-    /// Outputs the step writes (for inline `run` steps).
+    /// Outputs the step writes, for `run` and `service` steps (a `uses` step has the
+    /// outputs declared by its automation).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub outputs: Map<OutputSpec>,
     /// Named locks (orchestration registry) held while the step runs.

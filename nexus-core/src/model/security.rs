@@ -135,7 +135,7 @@ pub struct ApiToken {
     pub secret: String,
     /// Roles granted to the bearer.
     pub roles: Vec<String>,
-    /// When the token stops being accepted (RFC 3339 date), if ever.
+    /// When the token stops being accepted, if ever: a date `YYYY-MM-DD` or an RFC 3339 time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
 }

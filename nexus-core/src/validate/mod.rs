@@ -130,12 +130,24 @@ impl Typed {
     fn set(&mut self, doc: &RegistryDoc, sources: &Sources) -> Result<(), Box<Diagnostic>> {
         fn de<T: serde::de::DeserializeOwned>(doc: &RegistryDoc, sources: &Sources) -> Result<T, Box<Diagnostic>> {
             // The schema is generated from the same types, so this is rare: a value the
-            // schema cannot express (such as an unparsable duration like `99999999999d`).
-            T::deserialize(&doc.value).map_err(|e| {
+            // schema cannot express, such as a duration too long to represent or `1.0`
+            // where an integer belongs.
+            serde_path_to_error::deserialize(&doc.value).map_err(|e| {
+                use serde_path_to_error::Segment;
+                let segments: Vec<String> = e
+                    .path()
+                    .iter()
+                    .filter_map(|s| match s {
+                        Segment::Map { key } => Some(key.clone()),
+                        Segment::Seq { index } => Some(index.to_string()),
+                        Segment::Enum { .. } | Segment::Unknown => None,
+                    })
+                    .collect();
+                let field = segments.last().cloned().unwrap_or_default();
                 Box::new(
-                    Diagnostic::error("nexus::invalid_value", e.to_string())
-                        .at(sources.locate(doc, "", false))
-                        .help("fix the value named in the message"),
+                    Diagnostic::error("nexus::invalid_value", format!("invalid `{field}`: {}", e.inner()))
+                        .at(sources.locate(doc, &pointer(&segments), false))
+                        .help("write the value in the form the message names"),
                 )
             })
         }

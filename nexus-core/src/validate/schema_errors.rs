@@ -51,7 +51,7 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
                 let description = field_description(schema, &schema_path, name);
                 let mut d = Diagnostic::error("nexus::missing_field", format!("missing required field `{name}`"))
                     .at(sources.locate(doc, &instance_path, true))
-                    .expected(format!("a `{name}` field here"));
+                    .expected(format!("a field `{name}` here"));
                 if let Some(description) = description {
                     d = d.help(format!("`{name}`: {description}"));
                 }
@@ -64,20 +64,24 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
                         ts.iter().map(|t| type_name(&t.to_string())).collect::<Vec<_>>().join(" or ")
                     }
                 };
+                // A quoted number or boolean is text: say so, or "found `1`" puzzles.
+                let found = match error.instance().as_ref() {
+                    Value::String(text) => format!("the text \"{text}\""),
+                    _ => found,
+                };
                 Diagnostic::error("nexus::type", format!("expected {expected}, found {found}"))
                     .at(here)
                     .expected(expected)
             }
             ValidationErrorKind::Enum { options } => {
-                let names: Vec<String> = options
-                    .as_array()
-                    .map(|a| a.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).collect())
-                    .unwrap_or_default();
-                let given = error.instance().as_str().unwrap_or_default().to_owned();
-                Diagnostic::error("nexus::invalid_value", format!("{found} is not an allowed value"))
-                    .at(here)
-                    .expected(format!("one of: {}", names.join(", ")))
-                    .suggest(&given, names.iter().map(String::as_str))
+                let names: Vec<String> =
+                    options.as_array().map(|a| a.iter().map(value_name).collect()).unwrap_or_default();
+                not_allowed(error.instance(), &found, &names).at(here)
+            }
+            // schemars writes an enum whose variants are documented as `oneOf` consts.
+            ValidationErrorKind::OneOfNotValid { .. } if const_options(schema, &schema_path).is_some() => {
+                let names = const_options(schema, &schema_path).unwrap_or_default();
+                not_allowed(error.instance(), &found, &names).at(here)
             }
             ValidationErrorKind::Constant { expected_value } if instance_path == "/version" => {
                 Diagnostic::error("nexus::version", format!("unsupported registry version {found}"))
@@ -101,6 +105,23 @@ pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec
         out.push(d);
     }
     out
+}
+
+fn value_name(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+fn not_allowed(instance: &Value, found: &str, names: &[String]) -> Diagnostic {
+    let given = instance.as_str().unwrap_or_default();
+    Diagnostic::error("nexus::invalid_value", format!("{found} is not an allowed value"))
+        .expected(format!("one of: {}", names.join(", ")))
+        .suggest(given, names.iter().map(String::as_str))
+}
+
+/// The values of a `oneOf` whose branches are all `const` (a documented enum).
+fn const_options(schema: &Value, schema_path: &str) -> Option<Vec<String>> {
+    let branches = schema.pointer(schema_path)?.as_array()?;
+    branches.iter().map(|b| b.get("const").map(value_name)).collect()
 }
 
 /// The field names allowed by the object schema whose `additionalProperties` refused one.

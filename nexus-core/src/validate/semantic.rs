@@ -216,7 +216,6 @@ fn preview(names: &[&str]) -> String {
 
 pub(crate) fn check(ssot: &Ssot, catalog: &Catalog, options: &Options, ctx: &mut Ctx<'_>) {
     let mut c = Checker { ctx, names: Names::new(ssot), catalog };
-    versions(ssot, &mut c);
     if let Some(env) = &options.env
         && !c.names.environments.contains(&env.as_str())
     {
@@ -232,22 +231,6 @@ pub(crate) fn check(ssot: &Ssot, catalog: &Catalog, options: &Options, ctx: &mut
     orchestration(ssot, &mut c);
     monitoring(ssot, &mut c);
     security(ssot, &mut c);
-}
-
-fn versions(ssot: &Ssot, c: &mut Checker<'_, '_>) {
-    let versions = [
-        (A, ssot.automations.version),
-        (P, ssot.pipelines.version),
-        (O, ssot.orchestration.version),
-        (M, ssot.monitoring.version),
-        (S, ssot.security.version),
-    ];
-    for (registry, version) in versions {
-        if version != 1 {
-            c.error(registry, "/version", "nexus::version", format!("unsupported registry version {version}")).help =
-                Some("this nexus reads version 1 registries; set `version: 1`".into());
-        }
-    }
 }
 
 fn run_forms(c: &mut Checker<'_, '_>, registry: RegistryKind, ptr: &str, run: &RunSpec) {
@@ -277,9 +260,9 @@ fn params_decl(c: &mut Checker<'_, '_>, registry: RegistryKind, base: &str, para
                     registry,
                     &format!("{ptr}/default"),
                     "nexus::param_type",
-                    format!("default of parameter `{name}` is not a {}", spec.ty),
+                    format!("default of parameter `{name}` is not of type `{}`", spec.ty),
                 )
-                .expected = Some(format!("a {} value", spec.ty));
+                .expected = Some(format!("a value of type `{}`", spec.ty));
             } else if let Some(allowed) = &spec.allowed
                 && !allowed.contains(default)
             {
@@ -309,13 +292,14 @@ fn args(
     c: &mut Checker<'_, '_>,
     registry: RegistryKind,
     base: &str,
+    field: &str,
     owner: &str,
     params: &Map<ParamSpec>,
     with: &Map<Value>,
 ) {
     let known: Vec<&str> = params.keys().map(String::as_str).collect();
     for (name, value) in with {
-        let ptr = format!("{base}/with/{}", crate::yaml::escape_segment(name));
+        let ptr = format!("{base}/{field}/{}", crate::yaml::escape_segment(name));
         match params.get(name) {
             None => {
                 let d =
@@ -336,9 +320,9 @@ fn args(
                         registry,
                         &ptr,
                         "nexus::param_type",
-                        format!("parameter `{name}` of `{owner}` takes a {}", spec.ty),
+                        format!("parameter `{name}` of `{owner}` takes a value of type `{}`", spec.ty),
                     )
-                    .expected = Some(format!("a {} value", spec.ty));
+                    .expected = Some(format!("a value of type `{}`", spec.ty));
                 } else if let (false, Some(allowed)) = (templated, &spec.allowed)
                     && !allowed.contains(value)
                 {
@@ -361,7 +345,7 @@ fn args(
                 "nexus::missing_param",
                 format!("required parameter `{name}` of `{owner}` is not given"),
             )
-            .help = Some(format!("add `with: {{ {name}: … }}`"));
+            .help = Some(format!("add `{field}: {{ {name}: … }}`"));
         }
     }
 }
@@ -462,11 +446,20 @@ fn step_checks(ssot: &Ssot, pipeline: &str, ptr: &str, step: &Step, c: &mut Chec
     if let Some(automation) = &step.uses {
         c.reference(P, &format!("{ptr}/uses"), Target::Automation, automation);
         if let Some(a) = ssot.automations.automations.get(automation) {
-            args(c, P, ptr, automation, &a.params, &step.with);
+            args(c, P, ptr, "with", automation, &a.params, &step.with);
         }
     }
     if let Some(run) = &step.run {
         run_forms(c, P, &format!("{ptr}/run"), run);
+    }
+    if step.uses.is_some() && !step.outputs.is_empty() {
+        c.key_error(
+            P,
+            &format!("{ptr}/outputs"),
+            "nexus::step_form",
+            "a `uses` step takes its outputs from the automation",
+        )
+        .help = Some("declare these outputs under the automation's `outputs` instead".into());
     }
     service_action(c, ssot, ptr, step.service.as_deref(), step.action.as_deref());
     if step.service.is_none() && step.uses.is_none() && !step.with.is_empty() {
@@ -517,7 +510,7 @@ fn step_checks(ssot: &Ssot, pipeline: &str, ptr: &str, step: &Step, c: &mut Chec
         if let Some(automation) = &rollback.uses {
             c.reference(P, &format!("{rptr}/uses"), Target::Automation, automation);
             if let Some(a) = ssot.automations.automations.get(automation) {
-                args(c, P, &rptr, automation, &a.params, &rollback.with);
+                args(c, P, &rptr, "with", automation, &a.params, &rollback.with);
             }
         }
         if let Some(run) = &rollback.run {
@@ -629,10 +622,9 @@ fn dag(pipeline: &str, base: &str, steps: &[Step], c: &mut Checker<'_, '_>) {
                     }
                     1 => {
                         let start = stack.iter().position(|(n, _)| *n == target).unwrap_or(0);
+                        // The stack holds each step before what it needs: `a → b` reads
+                        // "a needs b".
                         let mut cycle: Vec<&str> = stack[start..].iter().map(|(n, _)| ids[*n]).collect();
-                        // Written the way it reads: a step, then what it waits for.
-                        cycle.reverse();
-                        cycle.rotate_right(1);
                         cycle.push(cycle[0]);
                         let j = steps[node].needs.iter().position(|n| n == ids[target]).unwrap_or(0);
                         c.error(
@@ -726,7 +718,7 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
                             O,
                             &pptr,
                             "nexus::param_type",
-                            format!("parameter `{param}` of `{automation}` takes a {}", spec.ty),
+                            format!("parameter `{param}` of `{automation}` takes a value of type `{}`", spec.ty),
                         );
                     }
                     Some(_) => {}
@@ -768,6 +760,9 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
             );
         }
         timezone(c, O, &format!("{base}/timezone"), &schedule.timezone);
+        if let Some(p) = ssot.pipelines.pipelines.get(&schedule.pipeline) {
+            args(c, O, &base, "params", &schedule.pipeline, &p.params, &schedule.params);
+        }
     }
     for (name, trigger) in &o.triggers {
         let base = pointer(&["triggers", name.as_str()]);
@@ -775,6 +770,9 @@ fn orchestration(ssot: &Ssot, c: &mut Checker<'_, '_>) {
         c.reference(O, &format!("{base}/environment"), Target::Environment, &trigger.environment);
         if let Some(secret) = &trigger.signing_secret {
             c.reference(O, &format!("{base}/signing_secret"), Target::Secret, secret);
+        }
+        if let Some(p) = ssot.pipelines.pipelines.get(&trigger.pipeline) {
+            args(c, O, &base, "params", &trigger.pipeline, &p.params, &trigger.params);
         }
     }
     if o.state.backend == crate::model::orchestration::StateBackend::Postgres && o.state.url.is_none() {

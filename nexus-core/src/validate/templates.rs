@@ -95,7 +95,8 @@ fn narrow(sources: &Sources, location: Location, var: &str) -> Location {
 fn collect(kind: RegistryKind, value: &Value, ptr: &mut String, out: &mut Vec<(RegistryKind, String, String, bool)>) {
     match value {
         Value::String(s) => {
-            let is_condition = kind == RegistryKind::Pipeline && ptr.ends_with("/if");
+            // `if` of a step: /pipelines/<name>/<group>/<index>/if
+            let is_condition = kind == RegistryKind::Pipeline && ptr.ends_with("/if") && ptr.matches('/').count() == 5;
             if is_condition || s.contains("{{") || s.contains("{%") {
                 out.push((kind, ptr.clone(), s.clone(), is_condition));
             }
@@ -300,20 +301,29 @@ impl<'a> Scope<'a> {
                 .suggest(id, all.iter().map(|s| s.id.as_str())),
             );
         };
-        // A main step may only read steps it waits for; hooks run after all of them.
-        if segs.get(2).map(String::as_str) == Some("steps")
-            && let Some(reader) = self.step_at(segs)
-            && reader.id != id
-            && !depends_on(&pipeline.steps, &reader.id, id)
-        {
-            return Some(
-                Diagnostic::error(
-                    "nexus::missing_needs",
-                    format!("step `{}` reads `steps.{id}` but does not depend on `{id}`", reader.id),
-                )
-                .expected(format!("`{id}` among the step's `needs` (directly or through other steps)"))
-                .help(format!("add `needs: [{id}]` to step `{}` so `{id}` has finished when it runs", reader.id)),
-            );
+        // A main step may only read main steps it waits for; hooks run after all of them.
+        let reader = (segs.get(2).map(String::as_str) == Some("steps")).then(|| self.step_at(segs)).flatten();
+        if let Some(reader) = reader.filter(|r| r.id != id) {
+            let hook = ["on_failure", "on_success", "finally"]
+                .into_iter()
+                .find(|g| group(pipeline, g).is_some_and(|steps| steps.iter().any(|s| s.id == id)));
+            if let Some(hook) = hook {
+                return Some(
+                    Diagnostic::error("nexus::hook_step_read", format!("step `{}` reads `steps.{id}`, but `{id}` is an `{hook}` step", reader.id))
+                        .expected("a main step that this step needs")
+                        .help(format!("`{hook}` steps run after every main step, so no main step can read them; read it from another `{hook}` step instead")),
+                );
+            }
+            if !depends_on(&pipeline.steps, &reader.id, id) {
+                return Some(
+                    Diagnostic::error(
+                        "nexus::missing_needs",
+                        format!("step `{}` reads `steps.{id}` but does not depend on `{id}`", reader.id),
+                    )
+                    .expected(format!("`{id}` among the step's `needs` (directly or through other steps)"))
+                    .help(format!("add `needs: [{id}]` to step `{}` so `{id}` has finished when it runs", reader.id)),
+                );
+            }
         }
         if field != Some("outputs") {
             return None;
