@@ -49,6 +49,17 @@ fn main() {
             report(&format!("nexus validate {name}"), &process);
         }
     }
+    // The "billion laughs" bomb: 10 levels of 10 aliases would expand to 10^10 nodes.
+    let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        let prev = format!("*a{}", i - 1);
+        bomb.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev.as_str(); 10].join(", ")));
+    }
+    let refused = measure(|| {
+        assert!(nexus_core::yaml::parse(&bomb).is_err());
+    });
+    report("yaml::parse  alias bomb (refused)", &refused);
+
     let size: u64 =
         std::fs::read_dir(&large).expect("dir").filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
     println!("large configuration: {} KiB in {}", size / 1024, large.display());

@@ -14,4 +14,5 @@ pub use model::Ssot;
 pub mod diag;
 pub mod load;
 pub mod schema;
+pub mod spec;
 pub mod validate;

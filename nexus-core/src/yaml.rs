@@ -16,6 +16,9 @@ use serde_json::{Map, Number, Value};
 
 /// Most nodes a document may expand to, aliases included.
 pub const MAX_NODES: usize = 1_000_000;
+/// Most nodes that aliases may add in total: far more than sharing a few blocks needs,
+/// far less than an alias bomb wants.
+pub const MAX_ALIAS_NODES: usize = 100_000;
 /// Deepest nesting of mappings and sequences.
 pub const MAX_DEPTH: usize = 64;
 
@@ -157,13 +160,15 @@ struct Builder {
     anchors: HashMap<usize, (Value, usize, usize)>,
     root: Option<(Value, SpanNode)>,
     nodes: usize,
+    alias_nodes: usize,
     documents: usize,
 }
 
 /// Parses one YAML document into JSON and the positions of its nodes.
 /// An empty document gives `Value::Null`.
 pub fn parse(text: &str) -> Result<(Value, SpanIndex), YamlError> {
-    let mut b = Builder { stack: Vec::new(), anchors: HashMap::new(), root: None, nodes: 0, documents: 0 };
+    let mut b =
+        Builder { stack: Vec::new(), anchors: HashMap::new(), root: None, nodes: 0, alias_nodes: 0, documents: 0 };
     for next in Parser::new_from_str(text) {
         let (event, span) = next.map_err(|e| YamlError {
             pos: Pos { line: e.marker().line() as u32, col: e.marker().col() as u32 + 1 },
@@ -207,6 +212,12 @@ impl Builder {
                     self.anchors.get(&id).cloned().ok_or_else(|| err("alias to an unknown anchor".into()))?;
                 if self.key_expected() {
                     return Err(err("an alias cannot be used as a mapping key".into()));
+                }
+                self.alias_nodes += size;
+                if self.alias_nodes > MAX_ALIAS_NODES {
+                    return Err(err(format!(
+                        "aliases expand to more than {MAX_ALIAS_NODES} nodes (an alias bomb?); refusing to expand them further"
+                    )));
                 }
                 if self.stack.len() + height > MAX_DEPTH {
                     return Err(err(format!(
