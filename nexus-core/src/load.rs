@@ -357,7 +357,11 @@ fn read_file(path: &Path, sources: &mut Sources, diags: &mut Vec<Diagnostic>) ->
             diags.push(
                 Diagnostic::error("nexus::yaml", e.message)
                     .at(Some(sources.files[file].location(span)))
-                    .help("fix the YAML syntax at this position"),
+                    .help(if e.message.starts_with("invalid YAML") {
+                        "fix the YAML syntax at this position"
+                    } else {
+                        "registries are plain YAML: unique keys, no tags, aliases only to share small blocks"
+                    }),
             );
             None
         }
