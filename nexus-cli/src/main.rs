@@ -3,7 +3,10 @@
 //! `config/` paths (ARCHITECTURE.md).
 
 mod catalog;
+mod exec;
 mod init;
+mod inspect;
+mod progress;
 mod render;
 
 use std::io::IsTerminal;
@@ -33,7 +36,7 @@ const EXIT_INTERNAL: u8 = 3;
     name = "nexus",
     version,
     about = "Nexus: one source of truth for your automation, one engine that runs it.",
-    after_help = "Examples:\n  nexus validate                      check config/ssot\n  nexus validate --config ops/ssot --env prod --output json\n  nexus schema --check                fail if schemas/ is stale\n  nexus init my-platform              write a commented starter set\n\nExit codes: 0 success, 1 run failed or check found a difference, 2 invalid configuration or usage, 3 internal error."
+    after_help = "Examples:\n  nexus run                           run the default pipeline in the default environment\n  nexus run deploy --env staging --param version=1.4.2\n  nexus runs                          list recent runs\n  nexus validate                      check config/ssot\n  nexus validate --config ops/ssot --env prod --output json\n  nexus schema --check                fail if schemas/ is stale\n  nexus init my-platform              write a commented starter set\n\nExit codes: 0 success, 1 run failed or check found a difference, 2 invalid configuration or usage, 3 internal error."
 )]
 struct Cli {
     /// Directory holding the five registry files.
@@ -42,11 +45,14 @@ struct Cli {
     /// Output format of reading commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Directory of the state store (runs, logs).
+    #[arg(long, global = true, default_value = ".nexus", env = "NEXUS_STATE")]
+    state: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Output {
     /// Human-readable text (colours on a terminal unless NO_COLOR is set).
     Text,
@@ -77,6 +83,134 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Show the resolved plan of a pipeline: steps, commands, runners, timeouts.
+    #[command(
+        after_help = "Examples:\n  nexus plan\n  nexus plan deploy --env prod --param version=1.4.2\n  nexus plan deploy --env prod --param version=1.4.2 --save deploy.plan.json\n  nexus run --plan deploy.plan.json"
+    )]
+    Plan {
+        /// Pipeline (default: `defaults.pipeline`).
+        pipeline: Option<String>,
+        /// Environment (default: `defaults.environment`).
+        #[arg(long)]
+        env: Option<String>,
+        /// A pipeline parameter, `name=value` (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Also write the plan to FILE, to run it later with `nexus run --plan FILE`.
+        #[arg(long)]
+        save: Option<PathBuf>,
+    },
+    /// Print a pipeline's DAG in Graphviz DOT or Mermaid.
+    #[command(after_help = "Examples:\n  nexus graph ci | dot -Tsvg > ci.svg\n  nexus graph deploy --format mermaid")]
+    Graph {
+        /// Pipeline (default: `defaults.pipeline`).
+        pipeline: Option<String>,
+        /// Environment (default: `defaults.environment`).
+        #[arg(long)]
+        env: Option<String>,
+        /// `dot` or `mermaid`.
+        #[arg(long, default_value = "dot", value_parser = ["dot", "mermaid"])]
+        format: String,
+    },
+    /// Run a pipeline, journaling every step in the state store.
+    #[command(
+        after_help = "Examples:\n  nexus run\n  nexus run deploy --env staging --param version=1.4.2\n  nexus run --plan deploy.plan.json\n\nCtrl-C once cancels gracefully (running steps get SIGTERM, then SIGKILL after their grace period); twice kills them.\nExit codes: 0 succeeded, 1 failed or cancelled, 2 invalid configuration or usage, 3 internal error."
+    )]
+    Run {
+        /// Pipeline (default: `defaults.pipeline`).
+        pipeline: Option<String>,
+        /// Environment (default: `defaults.environment`).
+        #[arg(long)]
+        env: Option<String>,
+        /// A pipeline parameter, `name=value` (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Run a plan saved by `nexus plan --save` (refused if the registries changed).
+        #[arg(long, conflicts_with_all = ["pipeline", "env", "params"])]
+        plan: Option<PathBuf>,
+    },
+    /// Continue a run whose process died; finished steps are not run again.
+    #[command(
+        after_help = "Examples:\n  nexus resume 20261128-071502-4f2a\n  nexus resume 20261128-071502-4f2a --rerun-interrupted"
+    )]
+    Resume {
+        /// The run.
+        run: String,
+        /// Run again the steps that were running when the process died.
+        #[arg(long, conflicts_with = "skip_interrupted")]
+        rerun_interrupted: bool,
+        /// Treat the steps that were running when the process died as skipped.
+        #[arg(long)]
+        skip_interrupted: bool,
+    },
+    /// Start a new run of a run's plan from STEP, reusing the outputs of everything upstream.
+    #[command(after_help = "Examples:\n  nexus retry 20261128-071502-4f2a --from package")]
+    Retry {
+        /// The run to retry.
+        run: String,
+        /// The step to start from.
+        #[arg(long)]
+        from: String,
+    },
+    /// Ask a running run to stop (from any terminal).
+    Cancel {
+        /// The run.
+        run: String,
+    },
+    /// Run the rollback actions of a finished run's succeeded steps, latest first.
+    Rollback {
+        /// The run.
+        run: String,
+    },
+    /// Approve (or reject) an approval step of a running run.
+    #[command(
+        after_help = "Examples:\n  nexus approve 20261128-071502-4f2a approve\n  nexus approve 20261128-071502-4f2a approve --reject --comment 'not during the sale'"
+    )]
+    Approve {
+        /// The run.
+        run: String,
+        /// The approval step.
+        step: String,
+        /// Reject instead of approving.
+        #[arg(long)]
+        reject: bool,
+        /// A comment recorded with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// List runs, newest first.
+    #[command(
+        after_help = "Examples:\n  nexus runs\n  nexus runs --pipeline deploy --status failed --limit 5 --output json"
+    )]
+    Runs {
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only this status (queued, running, succeeded, failed, cancelled, skipped).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Show a run: steps, attempts, events.
+    Show {
+        /// The run.
+        run: String,
+    },
+    /// Print the logs of a run, or of one of its steps.
+    #[command(
+        after_help = "Examples:\n  nexus logs 20261128-071502-4f2a\n  nexus logs 20261128-071502-4f2a test --follow"
+    )]
+    Logs {
+        /// The run.
+        run: String,
+        /// Only this step (all its matrix instances and attempts).
+        step: Option<String>,
+        /// Keep printing new lines until the run ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Write a small, valid, commented starter set of the five registries.
     #[command(
         after_help = "Examples:\n  nexus init                   write config/ssot/\n  nexus init ops/ssot\n  nexus validate --config ops/ssot"
@@ -96,6 +230,39 @@ fn main() -> ExitCode {
         Command::Validate { env } => cmd_validate(&cli, env.clone()),
         Command::Schema { out, check } => cmd_schema(out, *check),
         Command::Init { dir, force } => init::run(dir.as_deref().unwrap_or(&cli.config), *force),
+        Command::Plan { pipeline, env, params, save } => {
+            exec::cmd_plan(&cli.config, cli.output, pipeline.as_deref(), env.as_deref(), params, save.as_deref())
+        }
+        Command::Graph { pipeline, env, format } => {
+            exec::cmd_graph(&cli.config, pipeline.as_deref(), env.as_deref(), format)
+        }
+        Command::Run { pipeline, env, params, plan } => exec::cmd_run(
+            &cli.config,
+            &cli.state,
+            cli.output,
+            exec::RunArgs { pipeline: pipeline.as_deref(), env: env.as_deref(), params, plan_file: plan.as_deref() },
+        ),
+        Command::Resume { run, rerun_interrupted, skip_interrupted } => {
+            let policy = if *rerun_interrupted {
+                nexus_core::engine::InterruptedPolicy::Rerun
+            } else if *skip_interrupted {
+                nexus_core::engine::InterruptedPolicy::Skip
+            } else {
+                nexus_core::engine::InterruptedPolicy::Ask
+            };
+            exec::cmd_resume(&cli.config, &cli.state, cli.output, run, policy)
+        }
+        Command::Retry { run, from } => exec::cmd_retry(&cli.config, &cli.state, cli.output, run, from),
+        Command::Cancel { run } => inspect::cmd_cancel(&cli.state, run),
+        Command::Rollback { run } => exec::cmd_rollback(&cli.config, &cli.state, run),
+        Command::Approve { run, step, reject, comment } => {
+            inspect::cmd_approve(&cli.state, run, step, *reject, comment.clone())
+        }
+        Command::Runs { pipeline, status, limit } => {
+            inspect::cmd_runs(&cli.state, cli.output, pipeline.clone(), status.clone(), *limit)
+        }
+        Command::Show { run } => inspect::cmd_show(&cli.state, cli.output, run),
+        Command::Logs { run, step, follow } => inspect::cmd_logs(&cli.state, cli.output, run, step.as_deref(), *follow),
     };
     ExitCode::from(code)
 }

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod error;
 pub mod model;
+pub mod plan;
 pub mod suggest;
 pub mod traits;
 pub mod yaml;
@@ -12,7 +13,10 @@ pub use catalog::{Catalog, ComponentKind, Family, KindDescriptor, SpecIssue};
 pub use error::{Error, ErrorKind, Result};
 pub use model::Ssot;
 pub mod diag;
+pub mod engine;
 pub mod load;
 pub mod schema;
+pub mod secrets;
 pub mod spec;
+pub mod state;
 pub mod validate;

@@ -355,15 +355,13 @@ fn read_file(path: &Path, sources: &mut Sources, diags: &mut Vec<Diagnostic>) ->
         Err(e) => {
             let span = Span { start: e.pos, end: yaml::Pos { line: e.pos.line, col: e.pos.col + 1 } };
             let syntax = e.message.starts_with("invalid YAML");
-            diags.push(
-                Diagnostic::error("nexus::yaml", e.message)
-                    .at(Some(sources.files[file].location(span)))
-                    .help(if syntax {
-                        "fix the YAML syntax at this position"
-                    } else {
-                        "registries are plain YAML: unique keys, no tags, aliases only to share small blocks"
-                    }),
-            );
+            diags.push(Diagnostic::error("nexus::yaml", e.message).at(Some(sources.files[file].location(span))).help(
+                if syntax {
+                    "fix the YAML syntax at this position"
+                } else {
+                    "registries are plain YAML: unique keys, no tags, aliases only to share small blocks"
+                },
+            ));
             None
         }
     }

@@ -1,0 +1,104 @@
+//! Attempt logs: one file per attempt, written line by line (redacted), plus the last
+//! line of each running step for progress displays.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::secrets::Redactor;
+use crate::traits::{LogSink, Stream};
+
+/// The last log line of each running step.
+#[derive(Clone, Default)]
+pub struct LiveStatus {
+    last: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl LiveStatus {
+    /// The last line written by `step`, if any.
+    pub fn last_line(&self, step: &str) -> Option<String> {
+        self.last.lock().ok()?.get(step).cloned()
+    }
+
+    fn set(&self, step: &str, line: &str) {
+        if let Ok(mut map) = self.last.lock() {
+            match map.get_mut(step) {
+                Some(existing) => {
+                    existing.clear();
+                    existing.push_str(line);
+                }
+                None => {
+                    map.insert(step.to_owned(), line.to_owned());
+                }
+            }
+        }
+    }
+}
+
+/// Writes an attempt's lines to its log file as `<unix-ms> <out|err> <line>`.
+pub struct FileSink {
+    file: Mutex<BufWriter<File>>,
+    redactor: Redactor,
+    live: LiveStatus,
+    step: String,
+}
+
+impl FileSink {
+    /// Creates the log file (and its directory).
+    pub fn create(path: &Path, redactor: Redactor, live: LiveStatus, step: String) -> Result<Self> {
+        let io = |e: std::io::Error| {
+            Error::new(ErrorKind::Unavailable, format!("cannot write the log file {}: {e}", path.display()))
+                .with_operation("engine.log")
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = File::create(path).map_err(io)?;
+        Ok(FileSink { file: Mutex::new(BufWriter::new(file)), redactor, live, step })
+    }
+
+    /// Flushes the file.
+    pub fn finish(&self) {
+        if let Ok(mut f) = self.file.lock() {
+            let _ = f.flush();
+        }
+    }
+}
+
+impl LogSink for FileSink {
+    fn line(&self, stream: Stream, line: &str) {
+        let line = if self.redactor.is_empty() { line.to_owned() } else { self.redactor.redact(line) };
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let tag = match stream {
+            Stream::Stdout => "out",
+            Stream::Stderr => "err",
+        };
+        if let Ok(mut f) = self.file.lock() {
+            // A full disk must not kill the step; the log simply stops growing.
+            let _ = writeln!(f, "{ms} {tag} {line}");
+        }
+        self.live.set(&self.step, &line);
+    }
+}
+
+/// One parsed log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// `out` or `err`.
+    pub stream: String,
+    /// The text.
+    pub text: String,
+}
+
+/// Parses a line of a log file.
+pub fn parse_line(raw: &str) -> Option<LogLine> {
+    let (ms, rest) = raw.split_once(' ')?;
+    let (stream, text) = rest.split_once(' ').unwrap_or((rest, ""));
+    Some(LogLine { at_ms: ms.parse().ok()?, stream: stream.to_owned(), text: text.to_owned() })
+}

@@ -1,0 +1,341 @@
+//! The journal of runs (DESIGN.md §4): what the engine did and is doing, written ahead
+//! of every side effect so a crashed run can be resumed.
+//!
+//! [`StateStore`] is the interface; [`sqlite::SqliteStore`] is the embedded
+//! implementation (one WAL-mode file under `.nexus/`). Calls are synchronous and short
+//! (one small transaction each), so the engine calls them inline.
+//!
+//! Secrets are never written here: plans hold secret *names*, logs and outputs are
+//! redacted before they are recorded.
+
+pub mod sqlite;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// Milliseconds since the Unix epoch (UTC).
+pub type Millis = i64;
+
+/// The current time in [`Millis`].
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    /// Created, waiting for its concurrency group or a process to run it.
+    Queued,
+    /// A process is running it.
+    Running,
+    /// Every step succeeded or was skipped.
+    Succeeded,
+    /// A step failed.
+    Failed,
+    /// Cancelled by an operator.
+    Cancelled,
+    /// Not started: its concurrency group was busy and the policy is `skip`.
+    Skipped,
+}
+
+impl RunStatus {
+    /// Whether the run is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+}
+
+/// Where a step (one matrix instance) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepStatus {
+    /// Waiting for its `needs`.
+    Pending,
+    /// An attempt is executing.
+    Running,
+    /// Waiting for `nexus approve`.
+    WaitingApproval,
+    /// Done, successfully.
+    Succeeded,
+    /// Done, failed after its last attempt.
+    Failed,
+    /// Not run: its `if` was false, or a step it needs did not succeed.
+    Skipped,
+    /// Stopped by a cancellation.
+    Cancelled,
+    /// Its process died while an attempt was running; `resume` decides.
+    Interrupted,
+    /// Succeeded, then undone by its rollback.
+    RolledBack,
+}
+
+impl StepStatus {
+    /// Whether the step will not change any more (in this run).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Succeeded
+                | StepStatus::Failed
+                | StepStatus::Skipped
+                | StepStatus::Cancelled
+                | StepStatus::RolledBack
+        )
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttemptStatus {
+    /// Executing.
+    Running,
+    /// Exit code 0 (or the action succeeded).
+    Succeeded,
+    /// Non-zero exit, a signal, or an error.
+    Failed,
+    /// Killed after its timeout.
+    TimedOut,
+    /// Killed by a cancellation.
+    Cancelled,
+    /// Its process died while it ran.
+    Interrupted,
+}
+
+/// Whether an attempt executes the step or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttemptKind {
+    /// The step's action.
+    Main,
+    /// The step's rollback action.
+    Rollback,
+}
+
+/// The process that owns a running run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".to_owned());
+        Owner { host, pid: std::process::id() }
+    }
+}
+
+/// A run as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Identifier (`r-…`).
+    pub id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Environment name.
+    pub environment: String,
+    /// Status.
+    pub status: RunStatus,
+    /// The plan, as JSON (secrets are names only).
+    pub plan_json: String,
+    /// Digest of the registries the plan was made from.
+    pub config_digest: String,
+    /// Concurrency group, rendered.
+    pub concurrency_group: Option<String>,
+    /// The run this one retries, if any.
+    pub parent_run: Option<String>,
+    /// Creation time.
+    pub created_at: Millis,
+    /// When a process started running it.
+    pub started_at: Option<Millis>,
+    /// When it finished.
+    pub finished_at: Option<Millis>,
+    /// The process running it.
+    pub owner: Option<Owner>,
+    /// Last sign of life of the owner.
+    pub heartbeat_at: Option<Millis>,
+    /// Whether an operator asked to cancel it.
+    pub cancel_requested: bool,
+    /// Why it failed (redacted).
+    pub error: Option<String>,
+}
+
+/// A step as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The run.
+    pub run_id: String,
+    /// The step instance id (`test[component=api]`).
+    pub step_id: String,
+    /// Status.
+    pub status: StepStatus,
+    /// Attempts started (main attempts only).
+    pub attempts: u32,
+    /// First attempt's start.
+    pub started_at: Option<Millis>,
+    /// When it reached its final status.
+    pub finished_at: Option<Millis>,
+    /// Outputs, as a JSON object of strings (redacted).
+    pub outputs_json: String,
+    /// Why it failed or was skipped (redacted).
+    pub error: Option<String>,
+}
+
+/// An attempt as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The run.
+    pub run_id: String,
+    /// The step instance id.
+    pub step_id: String,
+    /// 1 for the first attempt (per kind).
+    pub number: u32,
+    /// Main or rollback.
+    pub kind: AttemptKind,
+    /// Status.
+    pub status: AttemptStatus,
+    /// Start.
+    pub started_at: Millis,
+    /// End.
+    pub finished_at: Option<Millis>,
+    /// Exit code, if the process exited.
+    pub exit_code: Option<i32>,
+    /// Signal, if the process was killed by one.
+    pub signal: Option<i32>,
+    /// The attempt's log file, relative to the state directory.
+    pub log_path: String,
+    /// Why it failed (redacted).
+    pub error: Option<String>,
+}
+
+/// An event as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// The run.
+    pub run_id: String,
+    /// Order within the run, from 1.
+    pub seq: i64,
+    /// When.
+    pub at: Millis,
+    /// Dotted type (`step.retrying`).
+    pub kind: String,
+    /// The step, if any.
+    pub step_id: Option<String>,
+    /// One line (redacted).
+    pub message: String,
+}
+
+/// An operator's decision on an approval step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// The run.
+    pub run_id: String,
+    /// The approval step.
+    pub step_id: String,
+    /// Approved (true) or rejected (false).
+    pub approved: bool,
+    /// Who decided (user name).
+    pub by: String,
+    /// When.
+    pub at: Millis,
+    /// Optional comment.
+    pub comment: Option<String>,
+}
+
+/// Who holds a lock lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseHolder {
+    /// The run.
+    pub run_id: String,
+    /// The step instance.
+    pub step_id: String,
+}
+
+/// What the owner of a run learns at each heartbeat.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Signals {
+    /// An operator asked to cancel the run.
+    pub cancel_requested: bool,
+    /// Decisions on approval steps of the run.
+    pub approvals: Vec<ApprovalRecord>,
+}
+
+/// Which runs to list.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only this pipeline.
+    pub pipeline: Option<String>,
+    /// Only this status.
+    pub status: Option<RunStatus>,
+    /// At most this many, newest first.
+    pub limit: Option<usize>,
+}
+
+/// The journal. Every method is one short transaction; implementations must tolerate
+/// several processes using the same store at once.
+pub trait StateStore: Send + Sync {
+    /// Records a new run (status `queued`).
+    fn create_run(&self, run: &RunRecord) -> Result<()>;
+    /// Makes `owner` the process running `run_id`: status `running`, heartbeat now.
+    fn claim_run(&self, run_id: &str, owner: &Owner) -> Result<()>;
+    /// Records a sign of life and returns what operators asked meanwhile.
+    fn heartbeat(&self, run_id: &str) -> Result<Signals>;
+    /// Records the end of a run.
+    fn finish_run(&self, run_id: &str, status: RunStatus, error: Option<&str>) -> Result<()>;
+    /// Records a run that never started (its group was busy under policy `skip`).
+    fn set_run_status(&self, run_id: &str, status: RunStatus) -> Result<()>;
+    /// Sets a step's status (pending, skipped, waiting-approval, cancelled…), creating
+    /// its row if needed, with an optional reason.
+    fn set_step_status(&self, run_id: &str, step_id: &str, status: StepStatus, error: Option<&str>) -> Result<()>;
+    /// Before an attempt's side effect: the attempt row (status `running`) and, for a
+    /// main attempt, the step `running` with its attempt count — in one transaction.
+    fn attempt_started(&self, attempt: &AttemptRecord) -> Result<()>;
+    /// After an attempt: its final status, exit code or signal, error.
+    fn attempt_finished(&self, attempt: &AttemptRecord) -> Result<()>;
+    /// A step's final status with its outputs (JSON object of strings).
+    fn step_finished(
+        &self,
+        run_id: &str,
+        step_id: &str,
+        status: StepStatus,
+        outputs_json: &str,
+        error: Option<&str>,
+    ) -> Result<()>;
+    /// Marks every `running` attempt (and its step) of the run `interrupted`; returns the
+    /// step ids concerned. Used by `resume` once the owner is known to be dead.
+    fn interrupt_running(&self, run_id: &str) -> Result<Vec<String>>;
+    /// Appends an event; returns its sequence number.
+    fn append_event(&self, run_id: &str, kind: &str, step_id: Option<&str>, message: &str) -> Result<i64>;
+    /// Asks the owner of a run to cancel it.
+    fn request_cancel(&self, run_id: &str) -> Result<()>;
+    /// Records an approval decision (the last one for a step wins).
+    fn record_approval(&self, approval: &ApprovalRecord) -> Result<()>;
+    /// Takes a lease on `lock` unless `limit` live leases exist; `ttl_ms` from now.
+    /// Expired leases (a dead holder) are discarded first.
+    fn acquire_lease(&self, lock: &str, limit: u32, holder: &LeaseHolder, ttl_ms: i64) -> Result<bool>;
+    /// Extends every lease of a run by `ttl_ms` from now.
+    fn renew_leases(&self, run_id: &str, ttl_ms: i64) -> Result<()>;
+    /// Gives a lease back.
+    fn release_lease(&self, lock: &str, holder: &LeaseHolder) -> Result<()>;
+    /// Runs of a concurrency group that are queued or running, oldest first.
+    fn active_runs_in_group(&self, group: &str) -> Result<Vec<RunRecord>>;
+    /// One run.
+    fn run(&self, run_id: &str) -> Result<Option<RunRecord>>;
+    /// Runs, newest first.
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
+    /// The steps of a run, in the order they were first recorded.
+    fn steps(&self, run_id: &str) -> Result<Vec<StepRecord>>;
+    /// The attempts of a run, in start order.
+    fn attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>>;
+    /// The events of a run, in order.
+    fn events(&self, run_id: &str) -> Result<Vec<EventRecord>>;
+    /// The approvals of a run.
+    fn approvals(&self, run_id: &str) -> Result<Vec<ApprovalRecord>>;
+}
