@@ -100,8 +100,8 @@ pub fn cmd_plan(
         eprintln!("saved the plan to {} (run it with `nexus run --plan {}`)", path.display(), path.display());
     }
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&plan).unwrap_or_default()),
-        Output::Text => print!("{}", progress::plan_text(&plan)),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&plan).unwrap_or_default()),
+        Output::Text => out!("{}", progress::plan_text(&plan)),
     }
     EXIT_OK
 }
@@ -117,8 +117,8 @@ pub fn cmd_graph(config: &Path, pipeline: Option<&str>, env: Option<&str>, forma
         Err(code) => return code,
     };
     match format {
-        "mermaid" => print!("{}", to_mermaid(&plan)),
-        _ => print!("{}", to_dot(&plan)),
+        "mermaid" => out!("{}", to_mermaid(&plan)),
+        _ => out!("{}", to_dot(&plan)),
     }
     EXIT_OK
 }
@@ -169,7 +169,8 @@ fn drive(engine: &Engine, run_id: &str, plan: &Plan, recovered: Recovered, outpu
         Ok(outcome) => {
             progress::summary(engine.store().as_ref(), &outcome, output);
             match outcome.status {
-                RunStatus::Succeeded => EXIT_OK,
+                // A run skipped by its concurrency group did what the policy asked.
+                RunStatus::Succeeded | RunStatus::Skipped => EXIT_OK,
                 _ => EXIT_FAILED,
             }
         }
@@ -318,35 +319,25 @@ pub fn cmd_resume(config: &Path, state: &Path, output: Output, run_id: &str, pol
         eprintln!("error: run {run_id} is still running (process {pid}); `nexus cancel {run_id}` stops it");
         return EXIT_INVALID;
     }
-    let interrupted = match store.interrupt_running(run_id) {
+    // The steps that were running when the process died (or that an earlier, refused
+    // `resume` already marked interrupted). Decide first; change nothing until decided.
+    let steps = match store.steps(run_id) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_INTERNAL;
         }
     };
-    let (mut recovered, _) = match recovered_from(store.as_ref(), run_id) {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    let mut undecided = Vec::new();
-    for id in &interrupted {
-        let idempotent = plan.step(id).is_some_and(|s| s.idempotent);
-        match policy {
-            InterruptedPolicy::Rerun => {}
-            InterruptedPolicy::Skip => {
-                recovered.done.insert(id.clone(), (StepStatus::Skipped, Map::new()));
-                let _ = store.set_step_status(
-                    run_id,
-                    id,
-                    StepStatus::Skipped,
-                    Some("interrupted; skipped by the operator"),
-                );
-            }
-            InterruptedPolicy::Ask if idempotent => {}
-            InterruptedPolicy::Ask => undecided.push(id.clone()),
-        }
-    }
+    let interrupted: Vec<String> = steps
+        .iter()
+        .filter(|s| matches!(s.status, StepStatus::Running | StepStatus::Interrupted))
+        .map(|s| s.step_id.clone())
+        .collect();
+    let undecided: Vec<String> = interrupted
+        .iter()
+        .filter(|id| policy == InterruptedPolicy::Ask && !plan.step(id).is_some_and(|s| s.idempotent))
+        .cloned()
+        .collect();
     if !undecided.is_empty() {
         eprintln!(
             "run {run_id} was interrupted while {} running; {} not idempotent, so nexus will not guess whether {} again.",
@@ -359,7 +350,25 @@ pub fn cmd_resume(config: &Path, state: &Path, output: Output, run_id: &str, pol
         );
         return EXIT_INVALID;
     }
-    if !interrupted.is_empty() {
+    if let Err(e) = store.interrupt_running(run_id) {
+        eprintln!("error: {e}");
+        return EXIT_INTERNAL;
+    }
+    if policy == InterruptedPolicy::Skip {
+        for id in &interrupted {
+            if let Err(e) =
+                store.set_step_status(run_id, id, StepStatus::Skipped, Some("interrupted; skipped by the operator"))
+            {
+                eprintln!("error: {e}");
+                return EXIT_INTERNAL;
+            }
+        }
+    }
+    let (recovered, _) = match recovered_from(store.as_ref(), run_id) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if !interrupted.is_empty() && policy != InterruptedPolicy::Skip {
         eprintln!("re-running interrupted step(s): {}", list(&interrupted));
     }
     let engine = Engine::new(loaded.ssot.clone(), loaded.catalog.clone(), store, state.to_owned());
@@ -468,13 +477,13 @@ pub fn cmd_rollback(config: &Path, state: &Path, run_id: &str) -> u8 {
     let rt = runtime();
     match rt.block_on(engine.rollback_run(run_id, &plan, &order)) {
         Ok(results) if results.is_empty() => {
-            println!("run {run_id}: no succeeded step has a rollback; nothing to do");
+            outln!("run {run_id}: no succeeded step has a rollback; nothing to do");
             EXIT_OK
         }
         Ok(results) => {
             let mut failed = false;
             for (step, ok) in &results {
-                println!("{} {step}", if *ok { "rolled back" } else { "ROLLBACK FAILED" });
+                outln!("{} {step}", if *ok { "rolled back" } else { "ROLLBACK FAILED" });
                 failed |= !ok;
             }
             if failed { EXIT_FAILED } else { EXIT_OK }

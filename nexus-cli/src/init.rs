@@ -37,8 +37,8 @@ pub fn run(dir: &Path, force: bool) -> u8 {
             eprintln!("error: cannot write {}: {e}", path.display());
             return crate::EXIT_INTERNAL;
         }
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
-    println!("next: nexus validate --config {}", dir.display());
+    outln!("next: nexus validate --config {}", dir.display());
     crate::EXIT_OK
 }

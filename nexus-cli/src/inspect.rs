@@ -70,21 +70,21 @@ pub fn cmd_runs(state: &Path, output: Output, pipeline: Option<String>, status: 
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
         return EXIT_OK;
     }
     if runs.is_empty() {
-        println!("no runs yet in {} (start one with `nexus run`)", state.display());
+        outln!("no runs yet in {} (start one with `nexus run`)", state.display());
         return EXIT_OK;
     }
-    println!("{:<22} {:<16} {:<10} {:<10} {:<19} {:>9}", "RUN", "PIPELINE", "ENV", "STATUS", "STARTED", "DURATION");
+    outln!("{:<22} {:<16} {:<10} {:<10} {:<19} {:>9}", "RUN", "PIPELINE", "ENV", "STATUS", "STARTED", "DURATION");
     for r in runs {
         let duration = match (r.started_at, r.finished_at) {
             (Some(a), Some(b)) => format!("{:.1}s", (b - a) as f64 / 1000.0),
             (Some(a), None) => format!("{:.0}s…", (now_millis() - a) as f64 / 1000.0),
             _ => "-".into(),
         };
-        println!(
+        outln!(
             "{:<22} {:<16} {:<10} {:<10} {:<19} {:>9}",
             r.id,
             r.pipeline,
@@ -119,25 +119,25 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
         let doc = serde_json::json!({
             "run": run_json, "steps": steps, "attempts": attempts, "events": events, "approvals": approvals,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return EXIT_OK;
     }
-    println!("run {}: pipeline {} in {}", run.id, run.pipeline, run.environment);
-    println!("status: {}", status_name(run.status));
-    println!("created: {}", time(run.created_at));
+    outln!("run {}: pipeline {} in {}", run.id, run.pipeline, run.environment);
+    outln!("status: {}", status_name(run.status));
+    outln!("created: {}", time(run.created_at));
     if let Some(f) = run.finished_at {
-        println!("finished: {}", time(f));
+        outln!("finished: {}", time(f));
     }
     if let Some(p) = &run.parent_run {
-        println!("retry of: {p}");
+        outln!("retry of: {p}");
     }
     if let Some(e) = &run.error {
-        println!("error: {e}");
+        outln!("error: {e}");
     }
-    println!();
-    print!("{}", steps_table(&steps));
+    outln!();
+    out!("{}", steps_table(&steps));
     if !attempts.is_empty() {
-        println!("\nattempts:");
+        outln!("\nattempts:");
         for a in &attempts {
             let kind =
                 serde_json::to_value(a.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
@@ -148,7 +148,7 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
                 .map(|c| format!("exit {c}"))
                 .or(a.signal.map(|s| format!("signal {s}")))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "  {} #{} {kind:<8} {status:<11} {exit:<8} {}",
                 a.step_id,
                 a.number,
@@ -157,9 +157,9 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
         }
     }
     if !events.is_empty() {
-        println!("\nevents:");
+        outln!("\nevents:");
         for e in &events {
-            println!("  {} {:<20} {}", time(e.at), e.kind, e.message);
+            outln!("  {} {:<20} {}", time(e.at), e.kind, e.message);
         }
     }
     EXIT_OK
@@ -177,12 +177,13 @@ pub fn cmd_logs(state: &Path, output: Output, run_id: &str, step: Option<&str>, 
     let mut printed: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
         let attempts = store.attempts(run_id).unwrap_or_default();
-        if let Some(step) = step {
-            if !attempts.iter().any(|a| a.step_id == step || a.step_id.starts_with(&format!("{step}["))) && !follow {
-                let ids: Vec<String> = attempts.iter().map(|a| a.step_id.clone()).collect();
-                eprintln!("error: run {run_id} has no attempt of step `{step}`; steps with logs: {}", ids.join(", "));
-                return EXIT_INVALID;
-            }
+        if let Some(step) = step
+            && !follow
+            && !attempts.iter().any(|a| a.step_id == step || a.step_id.starts_with(&format!("{step}[")))
+        {
+            let ids: Vec<String> = attempts.iter().map(|a| a.step_id.clone()).collect();
+            eprintln!("error: run {run_id} has no attempt of step `{step}`; steps with logs: {}", ids.join(", "));
+            return EXIT_INVALID;
         }
         for a in &attempts {
             if step.is_some_and(|s| a.step_id != s && !a.step_id.starts_with(&format!("{s}["))) {
@@ -203,14 +204,14 @@ pub fn cmd_logs(state: &Path, output: Output, run_id: &str, step: Option<&str>, 
                 *offset += raw.len() as u64;
                 if let Some(line) = parse_line(raw.trim_end_matches('\n')) {
                     if output == Output::Json {
-                        println!(
+                        outln!(
                             "{}",
                             serde_json::json!({"step": a.step_id, "attempt": a.number, "stream": line.stream, "at": line.at_ms, "line": line.text})
                         );
                     } else {
                         let prefix =
                             if a.number > 1 { format!("{}#{}", a.step_id, a.number) } else { a.step_id.clone() };
-                        println!("{prefix} | {}", line.text);
+                        outln!("{prefix} | {}", line.text);
                     }
                 }
                 raw.clear();
@@ -256,10 +257,10 @@ pub fn cmd_cancel(state: &Path, run_id: &str) -> u8 {
     if !nexus_core::engine::is_alive(&run) && run.status == RunStatus::Running {
         // Nobody will see the request: the owner is gone.
         let _ = store.finish_run(run_id, RunStatus::Cancelled, Some("cancelled after its process died"));
-        println!("run {run_id}: its process is gone; marked cancelled");
+        outln!("run {run_id}: its process is gone; marked cancelled");
         return EXIT_OK;
     }
-    println!("run {run_id}: cancellation requested; its process stops the running steps within a second");
+    outln!("run {run_id}: cancellation requested; its process stops the running steps within a second");
     EXIT_OK
 }
 
@@ -308,6 +309,6 @@ pub fn cmd_approve(state: &Path, run_id: &str, step: &str, reject: bool, comment
         eprintln!("error: {e}");
         return EXIT_INTERNAL;
     }
-    println!("{} `{step}` of run {run_id}", if reject { "rejected" } else { "approved" });
+    outln!("{} `{step}` of run {run_id}", if reject { "rejected" } else { "approved" });
     EXIT_OK
 }

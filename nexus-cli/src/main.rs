@@ -2,6 +2,31 @@
 //! call of `nexus-core`; this crate alone knows about terminals, exit codes and
 //! `config/` paths (ARCHITECTURE.md).
 
+/// `println!` that ends the process quietly when stdout is closed early
+/// (`nexus runs | head`), instead of panicking on a broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+/// `print!` with the same broken-pipe handling as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod catalog;
 mod exec;
 mod init;
@@ -287,12 +312,12 @@ fn cmd_validate(cli: &Cli, env: Option<String>) -> u8 {
                 "errors": report.error_count(),
                 "diagnostics": report.diagnostics,
             });
-            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         }
         Output::Text => {
             render::diagnostics(report, &validated.sources);
             match &validated.ssot {
-                Some(ssot) => println!(
+                Some(ssot) => outln!(
                     "{} is valid: {} automations, {} pipelines, {} environments, {} runners, {} services, {} channels ({} ms)",
                     cli.config.display(),
                     ssot.automations.automations.len(),
@@ -331,7 +356,7 @@ fn cmd_schema(out: &Path, check: bool) -> u8 {
             .map(|(name, _)| out.join(name).display().to_string())
             .collect();
         if stale.is_empty() {
-            println!("{} schemas in {} are up to date", files.len(), out.display());
+            outln!("{} schemas in {} are up to date", files.len(), out.display());
             return EXIT_OK;
         }
         for file in &stale {
@@ -350,7 +375,7 @@ fn cmd_schema(out: &Path, check: bool) -> u8 {
             eprintln!("error: cannot write {}: {e}", path.display());
             return EXIT_INTERNAL;
         }
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     EXIT_OK
 }

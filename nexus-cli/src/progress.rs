@@ -106,7 +106,7 @@ impl Display {
                             let line = serde_json::json!({
                                 "at": clock(), "event": event.kind, "step": event.step, "message": event.message,
                             });
-                            println!("{line}");
+                            outln!("{line}");
                         } else {
                             eprintln!("{} {} {}", clock(), symbol(&event.kind), event.message);
                         }
@@ -121,7 +121,7 @@ impl Display {
                         while let Ok(event) = events.try_recv() {
                             if fancy { clear(&mut drawn); }
                             if json {
-                                println!("{}", serde_json::json!({"at": clock(), "event": event.kind, "step": event.step, "message": event.message}));
+                                outln!("{}", serde_json::json!({"at": clock(), "event": event.kind, "step": event.step, "message": event.message}));
                             } else {
                                 eprintln!("{} {} {}", clock(), symbol(&event.kind), event.message);
                             }
@@ -236,7 +236,7 @@ pub fn summary(store: &dyn StateStore, outcome: &RunOutcome, output: Output) {
             "error": outcome.error,
             "steps": steps,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return;
     }
     eprintln!();

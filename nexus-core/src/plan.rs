@@ -391,12 +391,13 @@ fn resolve_params(owner: &str, specs: &Map<ParamSpec>, layers: &[&Map<Value>]) -
             }
         }
         if let (Some(allowed), Some(value)) = (&spec.allowed, out.get(name))
-            && !allowed.contains(value) {
-                return Err(invalid(format!(
-                    "parameter `{name}` of `{owner}` is `{value}`, not one of {}",
-                    Value::Array(allowed.clone())
-                )));
-            }
+            && !allowed.contains(value)
+        {
+            return Err(invalid(format!(
+                "parameter `{name}` of `{owner}` is `{value}`, not one of {}",
+                Value::Array(allowed.clone())
+            )));
+        }
     }
     // Declaration order, for stable output.
     let mut ordered = Map::new();
@@ -764,17 +765,19 @@ impl Planner<'_> {
             .get(name)
             .ok_or_else(|| invalid(format!("step `{id}` runs on unknown runner `{name}`")))?;
         if let Some(policy) = self.ssot.security.policies.get(self.env_name)
-            && !policy.allowed_runners.is_empty() && !policy.allowed_runners.iter().any(|r| r == name) {
-                return Err(Error::new(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "step `{id}` would run on `{name}`, which the `{}` policy does not allow (allowed: {})",
-                        self.env_name,
-                        policy.allowed_runners.join(", ")
-                    ),
-                )
-                .with_operation("plan"));
-            }
+            && !policy.allowed_runners.is_empty()
+            && !policy.allowed_runners.iter().any(|r| r == name)
+        {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "step `{id}` would run on `{name}`, which the `{}` policy does not allow (allowed: {})",
+                    self.env_name,
+                    policy.allowed_runners.join(", ")
+                ),
+            )
+            .with_operation("plan"));
+        }
         let spec = if value_reads_runtime(self.tenv, &instance.spec) {
             instance.spec.clone()
         } else {

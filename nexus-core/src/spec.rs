@@ -174,8 +174,8 @@ pub fn check_not_blank(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, 
     false
 }
 
-/// Checks that two optional fields, each given as `(name, is given)`, are given together
-/// or not at all; the issue is reported at the missing one. `when_neither` says what
+/// Checks that two optional top-level fields, each given as `(name, is given)`, are given
+/// together or not at all; the issue is reported at the missing one. `when_neither` says what
 /// leaving both out means (`to use the AWS credential chain`).
 pub fn check_together(
     issues: &mut Vec<SpecIssue>,

@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use nexus_core::model::Duration;
+use nexus_core::spec::{check_positive_duration, check_secret_ref, is_template};
 use nexus_core::traits::ServiceAdapter;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -123,11 +124,9 @@ impl ComponentKind for PostgresKind {
             }
         }
         if let Some(password) = &spec.password {
-            check_secret_ref(&mut issues, &["password"], password);
+            check_secret_ref(&mut issues, &["password"], password, "db_password");
         }
-        if spec.connect_timeout.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(&["connect_timeout"], "the timeout must be longer than zero"));
-        }
+        check_positive_duration(&mut issues, &["connect_timeout"], spec.connect_timeout, "timeout");
         issues
     }
 
@@ -145,62 +144,24 @@ pub fn register_postgres_service(catalog: &mut Catalog) -> Result<()> {
     catalog.services.register_kind::<PostgresKind>()
 }
 
-/// Whether `value` holds a template, whose rendered form cannot be checked yet.
-fn is_template(value: &str) -> bool {
-    value.contains("{{")
-}
-
-/// Checks that a credential is a `{{ secrets.* }}` reference, never a literal. The
-/// message never repeats the value.
-fn check_secret_ref(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str) {
-    if !(is_template(value) && value.contains("secrets.")) {
-        issues.push(SpecIssue::new(
-            path,
-            "write the credential as a reference such as `{{ secrets.db_password }}` and declare it in \
-             security_registry.yaml; a literal value would sit in the file in clear",
-        ));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_core::KindDescriptor;
+    use nexus_testkit::{assert_debug_hides, assert_single_issue, assert_valid, descriptor, example_with};
     use serde_json::{Value, json};
 
-    fn descriptor() -> KindDescriptor<dyn ServiceAdapter> {
-        KindDescriptor::of::<PostgresKind>()
-    }
-
-    /// The example with `changes` applied: each key is set, or removed when `null`.
-    fn example_with(changes: Value) -> Value {
-        let mut spec = serde_json::to_value(PostgresKind::example()).unwrap();
-        for (key, value) in changes.as_object().unwrap() {
-            if value.is_null() {
-                spec.as_object_mut().unwrap().remove(key);
-            } else {
-                spec[key] = value.clone();
-            }
-        }
-        spec
-    }
-
-    /// Asserts that validating `spec` gives exactly one issue, at `path`, saying `needle`.
-    fn check(spec: Value, path: &[&str], needle: &str) {
-        let issues = descriptor().validate(&spec);
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert_eq!(issues[0].path, path, "{issues:#?}");
-        assert!(issues[0].message.contains(needle), "{issues:#?}");
+    /// Asserts that the example with `changes` gives one issue, at `path`, saying `needle`.
+    fn check(changes: Value, path: &[&str], needle: &str) -> SpecIssue {
+        assert_single_issue(&descriptor::<PostgresKind>(), &example_with::<PostgresKind>(changes), path, needle)
     }
 
     #[test]
-    fn example_is_valid_against_schema_and_validate() {
-        let d = descriptor();
-        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
-        let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
-        assert_eq!(d.actions, ["health", "query", "backup", "restore"]);
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<PostgresKind>();
+        nexus_testkit::schema_fields_are_documented::<PostgresKind>();
+        nexus_testkit::unknown_field_is_refused::<PostgresKind>("dbname");
+        nexus_testkit::build_is_unsupported::<PostgresKind>();
+        nexus_testkit::registers_once::<PostgresKind>(register_postgres_service);
     }
 
     #[test]
@@ -213,73 +174,38 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_documented_in_the_schema() {
-        let schema = descriptor().spec_schema;
-        for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
-        }
-    }
-
-    #[test]
     fn sslmode_takes_libpq_names() {
-        let spec = example_with(json!({"sslmode": "verify-full"}));
-        assert!(descriptor().validate(&spec).is_empty());
-        let issues = descriptor().validate(&example_with(json!({"sslmode": "verify_full"})));
-        assert!(issues[0].message.contains("unknown variant `verify_full`"), "{issues:#?}");
+        assert_valid(&descriptor::<PostgresKind>(), &example_with::<PostgresKind>(json!({"sslmode": "verify-full"})));
+        check(json!({"sslmode": "verify_full"}), &[], "unknown variant `verify_full`");
     }
 
     #[test]
     fn host_is_a_host_name_not_a_url_or_an_address_with_port() {
-        check(example_with(json!({"host": "postgres://db.internal/app"})), &["host"], "is a URL");
-        check(example_with(json!({"host": "db.internal:6432"})), &["host"], "`port: 6432`");
-        check(example_with(json!({"host": "db internal"})), &["host"], "spaces");
+        check(json!({"host": "postgres://db.internal/app"}), &["host"], "is a URL");
+        check(json!({"host": "db.internal:6432"}), &["host"], "`port: 6432`");
+        check(json!({"host": "db internal"}), &["host"], "spaces");
         for fine in ["::1", "/var/run/postgresql", "10.0.0.5", "{{ env.vars.db_host }}:{{ env.vars.db_port }}"] {
-            assert!(descriptor().validate(&example_with(json!({"host": fine}))).is_empty(), "{fine}");
+            assert_valid(&descriptor::<PostgresKind>(), &example_with::<PostgresKind>(json!({"host": fine})));
         }
     }
 
     #[test]
     fn password_must_be_a_secret_reference() {
-        check(example_with(json!({"password": "hunter2"})), &["password"], "{{ secrets.");
-        check(example_with(json!({"password": "{{ env.vars.db_password }}"})), &["password"], "in clear");
-        let issues = descriptor().validate(&example_with(json!({"password": "hunter2"})));
-        assert!(!issues[0].message.contains("hunter2"), "{issues:#?}");
+        let issue = check(json!({"password": "hunter2"}), &["password"], "{{ secrets.db_password }}");
+        assert!(!issue.message.contains("hunter2"), "{issue:#?}");
+        check(json!({"password": "{{ env.vars.db_password }}"}), &["password"], "in clear");
     }
 
     #[test]
     fn connect_timeout_must_be_positive() {
-        check(example_with(json!({"connect_timeout": "0s"})), &["connect_timeout"], "longer than zero");
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(json!({"dbname": "app"})));
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(issues[0].message.contains("unknown field `dbname`"), "{issues:#?}");
-        let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(json!({"dbname": "app"}))));
+        check(json!({"connect_timeout": "0s"}), &["connect_timeout"], "longer than zero");
     }
 
     #[test]
     fn debug_never_shows_the_password() {
         let mut spec = PostgresKind::example();
         spec.password = Some("s3cr3t-pa55".to_owned());
-        let shown = format!("{spec:?}");
-        assert!(!shown.contains("s3cr3t-pa55"), "{shown}");
+        let shown = assert_debug_hides(&spec, &["s3cr3t-pa55"]);
         assert!(shown.contains("password: Some(\"***\")"), "{shown}");
-    }
-
-    #[test]
-    fn build_says_the_implementation_is_not_there_yet() {
-        let err = descriptor().build(descriptor().example).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "service.build");
-    }
-
-    #[test]
-    fn registers_as_a_service_kind() {
-        let mut catalog = Catalog::new();
-        register_postgres_service(&mut catalog).unwrap();
-        assert_eq!(catalog.services.get(POSTGRES_KIND).unwrap().kind, "postgres");
     }
 }

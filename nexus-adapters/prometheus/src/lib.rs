@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use nexus_core::model::{Duration, Map};
+use nexus_core::spec::{check_positive_duration, check_url, is_template};
 use nexus_core::traits::MonitorAdapter;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -71,7 +72,9 @@ impl ComponentKind for PrometheusKind {
     fn validate(spec: &PrometheusSpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
         match &spec.pushgateway_url {
-            Some(url) => check_url(&mut issues, &["pushgateway_url"], url, &["http", "https"]),
+            Some(url) => {
+                check_url(&mut issues, &["pushgateway_url"], url, &["http", "https"], None);
+            }
             None => {
                 if spec.listen.is_none() {
                     issues.push(SpecIssue::new(
@@ -109,9 +112,7 @@ impl ComponentKind for PrometheusKind {
                 ));
             }
         }
-        if spec.push_interval.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(&["push_interval"], "the interval must be longer than zero"));
-        }
+        check_positive_duration(&mut issues, &["push_interval"], spec.push_interval, "interval");
         issues
     }
 
@@ -152,78 +153,24 @@ fn is_label_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Whether `value` holds a template, whose rendered form cannot be checked yet.
-fn is_template(value: &str) -> bool {
-    value.contains("{{")
-}
-
-/// Checks that `value` is an absolute URL with one of `schemes`, a host, and no
-/// credentials. A template is checked for credentials only.
-fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &[&str]) {
-    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
-        issues.push(SpecIssue::new(
-            path,
-            "the URL must not carry credentials (`user:password@`): they would show in logs",
-        ));
-        return;
-    }
-    if is_template(value) {
-        return;
-    }
-    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
-    match value.split_once("://") {
-        Some((scheme, _)) if schemes.contains(&scheme) => {}
-        _ => {
-            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
-            return;
-        }
-    }
-    if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_core::KindDescriptor;
+    use nexus_testkit::{assert_single_issue, assert_valid, descriptor, example_with};
     use serde_json::{Value, json};
 
-    fn descriptor() -> KindDescriptor<dyn MonitorAdapter> {
-        KindDescriptor::of::<PrometheusKind>()
-    }
-
-    /// The example with `changes` applied: each key is set, or removed when `null`.
-    fn example_with(changes: Value) -> Value {
-        let mut spec = serde_json::to_value(PrometheusKind::example()).unwrap();
-        for (key, value) in changes.as_object().unwrap() {
-            if value.is_null() {
-                spec.as_object_mut().unwrap().remove(key);
-            } else {
-                spec[key] = value.clone();
-            }
-        }
-        spec
-    }
-
-    /// Asserts that validating `spec` gives exactly one issue, at `path`, saying `needle`.
-    fn check(spec: Value, path: &[&str], needle: &str) {
-        let issues = descriptor().validate(&spec);
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert_eq!(issues[0].path, path, "{issues:#?}");
-        assert!(issues[0].message.contains(needle), "{issues:#?}");
+    /// Asserts that the example with `changes` gives one issue, at `path`, saying `needle`.
+    fn check(changes: Value, path: &[&str], needle: &str) {
+        assert_single_issue(&descriptor::<PrometheusKind>(), &example_with::<PrometheusKind>(changes), path, needle);
     }
 
     #[test]
-    fn example_is_valid_against_schema_and_validate() {
-        let d = descriptor();
-        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
-        let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
-        assert!(d.actions.is_empty());
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<PrometheusKind>();
+        nexus_testkit::schema_fields_are_documented::<PrometheusKind>();
+        nexus_testkit::unknown_field_is_refused::<PrometheusKind>("port");
+        nexus_testkit::build_is_unsupported::<PrometheusKind>();
+        nexus_testkit::registers_once::<PrometheusKind>(register_prometheus_monitor);
     }
 
     #[test]
@@ -234,76 +181,39 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_documented_in_the_schema() {
-        let schema = descriptor().spec_schema;
-        for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
-        }
-    }
-
-    #[test]
     fn something_must_be_exported() {
-        let spec = json!({"job": "nexus"});
-        check(spec, &[], "nothing is exported");
+        assert_single_issue(&descriptor::<PrometheusKind>(), &json!({"job": "nexus"}), &[], "nothing is exported");
     }
 
     #[test]
     fn push_settings_need_a_pushgateway() {
-        let no_push = json!({"pushgateway_url": null, "push_interval": null});
-        check(example_with(no_push), &["grouping"], "only for pushes");
-        check(example_with(json!({"pushgateway_url": null, "grouping": {}})), &["push_interval"], "nothing is pushed");
+        check(json!({"pushgateway_url": null, "push_interval": null}), &["grouping"], "only for pushes");
+        check(json!({"pushgateway_url": null, "grouping": {}}), &["push_interval"], "nothing is pushed");
     }
 
     #[test]
     fn pushgateway_url_is_an_http_url_without_credentials() {
-        check(example_with(json!({"pushgateway_url": "pushgateway:9091"})), &["pushgateway_url"], "`http://`");
-        check(
-            example_with(json!({"pushgateway_url": "http://u:p@pushgateway:9091"})),
-            &["pushgateway_url"],
-            "credentials",
-        );
+        check(json!({"pushgateway_url": "pushgateway:9091"}), &["pushgateway_url"], "`http://`");
+        check(json!({"pushgateway_url": "http://u:p@pushgateway:9091"}), &["pushgateway_url"], "credentials");
     }
 
     #[test]
     fn listen_is_host_and_port() {
-        check(example_with(json!({"listen": "9464"})), &["listen"], "not an address");
-        check(example_with(json!({"listen": "0.0.0.0:http"})), &["listen"], "no valid port");
-        check(example_with(json!({"listen": "0.0.0.0:0"})), &["listen"], "random port");
-        assert!(descriptor().validate(&example_with(json!({"listen": "[::]:9464"}))).is_empty());
+        check(json!({"listen": "9464"}), &["listen"], "not an address");
+        check(json!({"listen": "0.0.0.0:http"}), &["listen"], "no valid port");
+        check(json!({"listen": "0.0.0.0:0"}), &["listen"], "random port");
+        assert_valid(&descriptor::<PrometheusKind>(), &example_with::<PrometheusKind>(json!({"listen": "[::]:9464"})));
     }
 
     #[test]
     fn grouping_keys_are_label_names_other_than_job() {
-        check(example_with(json!({"grouping": {"job": "x"}})), &["grouping", "job"], "with `job`");
-        check(example_with(json!({"grouping": {"data-center": "x"}})), &["grouping", "data-center"], "label name");
-        check(example_with(json!({"grouping": {"__name__": "x"}})), &["grouping", "__name__"], "label name");
+        check(json!({"grouping": {"job": "x"}}), &["grouping", "job"], "with `job`");
+        check(json!({"grouping": {"data-center": "x"}}), &["grouping", "data-center"], "label name");
+        check(json!({"grouping": {"__name__": "x"}}), &["grouping", "__name__"], "label name");
     }
 
     #[test]
     fn push_interval_must_be_positive() {
-        check(example_with(json!({"push_interval": "0s"})), &["push_interval"], "longer than zero");
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(json!({"port": 9464})));
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(issues[0].message.contains("unknown field `port`"), "{issues:#?}");
-        let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(json!({"port": 9464}))));
-    }
-
-    #[test]
-    fn build_says_the_implementation_is_not_there_yet() {
-        let err = descriptor().build(descriptor().example).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "monitor.build");
-    }
-
-    #[test]
-    fn registers_as_a_monitor_kind() {
-        let mut catalog = Catalog::new();
-        register_prometheus_monitor(&mut catalog).unwrap();
-        assert_eq!(catalog.monitors.get(PROMETHEUS_KIND).unwrap().kind, "prometheus");
+        check(json!({"push_interval": "0s"}), &["push_interval"], "longer than zero");
     }
 }

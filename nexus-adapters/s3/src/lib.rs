@@ -9,6 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use nexus_core::spec::{check_secret_ref, check_together, check_url, is_template};
 use nexus_core::traits::ServiceAdapter;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -102,21 +103,17 @@ impl ComponentKind for S3Kind {
                 .push(SpecIssue::new(&["bucket"], format!("`{}` is not a valid bucket name: {problem}", spec.bucket)));
         }
         if let Some(endpoint) = &spec.endpoint {
-            check_url(&mut issues, &["endpoint"], endpoint, &["http", "https"]);
+            let hint = Some("use `access_key_id` and `secret_access_key`");
+            check_url(&mut issues, &["endpoint"], endpoint, &["http", "https"], hint);
         }
-        match (&spec.access_key_id, &spec.secret_access_key) {
-            (Some(_), None) => issues.push(SpecIssue::new(
-                &["secret_access_key"],
-                "`access_key_id` needs its `secret_access_key`; give both, or neither to use the AWS credential chain",
-            )),
-            (None, Some(_)) => issues.push(SpecIssue::new(
-                &["access_key_id"],
-                "`secret_access_key` needs its `access_key_id`; give both, or neither to use the AWS credential chain",
-            )),
-            _ => {}
-        }
+        check_together(
+            &mut issues,
+            ("access_key_id", spec.access_key_id.is_some()),
+            ("secret_access_key", spec.secret_access_key.is_some()),
+            "to use the AWS credential chain",
+        );
         if let Some(secret) = &spec.secret_access_key {
-            check_secret_ref(&mut issues, &["secret_access_key"], secret);
+            check_secret_ref(&mut issues, &["secret_access_key"], secret, "s3_secret_access_key");
         }
         if let Some(prefix) = spec.prefix.as_deref().filter(|p| p.starts_with('/')) {
             issues.push(SpecIssue::new(
@@ -157,91 +154,29 @@ fn bucket_name_problem(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Whether `value` holds a template, whose rendered form cannot be checked yet.
-fn is_template(value: &str) -> bool {
-    value.contains("{{")
-}
-
-/// Checks that `value` is an absolute URL with one of `schemes`, a host, and no
-/// credentials. A template is checked for credentials only.
-fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &[&str]) {
-    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
-        issues.push(SpecIssue::new(
-            path,
-            "the URL must not carry credentials (`user:password@`), which would show in logs; use `access_key_id` \
-             and `secret_access_key`",
-        ));
-        return;
-    }
-    if is_template(value) {
-        return;
-    }
-    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
-    match value.split_once("://") {
-        Some((scheme, _)) if schemes.contains(&scheme) => {}
-        _ => {
-            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
-            return;
-        }
-    }
-    if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
-    }
-}
-
-/// Checks that a credential is a `{{ secrets.* }}` reference, never a literal. The
-/// message never repeats the value.
-fn check_secret_ref(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str) {
-    if !(is_template(value) && value.contains("secrets.")) {
-        issues.push(SpecIssue::new(
-            path,
-            "write the credential as a reference such as `{{ secrets.s3_secret_access_key }}` and declare it in \
-             security_registry.yaml; a literal value would sit in the file in clear",
-        ));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_core::KindDescriptor;
+    use nexus_testkit::{assert_debug_hides, assert_single_issue, assert_valid, descriptor, example_with};
     use serde_json::{Value, json};
 
-    fn descriptor() -> KindDescriptor<dyn ServiceAdapter> {
-        KindDescriptor::of::<S3Kind>()
+    /// Asserts that the example with `changes` gives one issue, at `path`, saying `needle`.
+    fn check(changes: Value, path: &[&str], needle: &str) {
+        assert_single_issue(&descriptor::<S3Kind>(), &example_with::<S3Kind>(changes), path, needle);
     }
 
-    /// The example with `changes` applied: each key is set, or removed when `null`.
-    fn example_with(changes: Value) -> Value {
-        let mut spec = serde_json::to_value(S3Kind::example()).unwrap();
-        for (key, value) in changes.as_object().unwrap() {
-            if value.is_null() {
-                spec.as_object_mut().unwrap().remove(key);
-            } else {
-                spec[key] = value.clone();
-            }
-        }
-        spec
-    }
-
-    /// Asserts that validating `spec` gives exactly one issue, at `path`, saying `needle`.
-    fn check(spec: Value, path: &[&str], needle: &str) {
-        let issues = descriptor().validate(&spec);
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert_eq!(issues[0].path, path, "{issues:#?}");
-        assert!(issues[0].message.contains(needle), "{issues:#?}");
+    /// Asserts that the example with `changes` is valid.
+    fn fine(changes: Value) {
+        assert_valid(&descriptor::<S3Kind>(), &example_with::<S3Kind>(changes));
     }
 
     #[test]
-    fn example_is_valid_against_schema_and_validate() {
-        let d = descriptor();
-        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
-        let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
-        assert_eq!(d.actions, ["health", "upload", "download", "list", "purge"]);
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<S3Kind>();
+        nexus_testkit::schema_fields_are_documented::<S3Kind>();
+        nexus_testkit::unknown_field_is_refused::<S3Kind>("force_path_style");
+        nexus_testkit::build_is_unsupported::<S3Kind>();
+        nexus_testkit::registers_once::<S3Kind>(register_s3_service);
     }
 
     #[test]
@@ -253,75 +188,42 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_documented_in_the_schema() {
-        let schema = descriptor().spec_schema;
-        for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
-        }
-    }
-
-    #[test]
     fn bucket_names_follow_the_s3_rules() {
-        check(example_with(json!({"bucket": "ab"})), &["bucket"], "3 to 63");
-        check(example_with(json!({"bucket": "Acme_Backups"})), &["bucket"], "lowercase");
-        check(example_with(json!({"bucket": "-acme"})), &["bucket"], "start and end");
-        check(example_with(json!({"bucket": "acme..backups"})), &["bucket"], "`..`");
-        assert!(descriptor().validate(&example_with(json!({"bucket": "{{ env.vars.bucket }}"}))).is_empty());
+        check(json!({"bucket": "ab"}), &["bucket"], "3 to 63");
+        check(json!({"bucket": "Acme_Backups"}), &["bucket"], "lowercase");
+        check(json!({"bucket": "-acme"}), &["bucket"], "start and end");
+        check(json!({"bucket": "acme..backups"}), &["bucket"], "`..`");
+        fine(json!({"bucket": "{{ env.vars.bucket }}"}));
     }
 
     #[test]
     fn endpoint_is_an_http_url_without_credentials() {
-        check(example_with(json!({"endpoint": "minio:9000"})), &["endpoint"], "`http://` or `https://`");
-        check(example_with(json!({"endpoint": "http://key:secret@minio:9000"})), &["endpoint"], "credentials");
+        check(json!({"endpoint": "minio:9000"}), &["endpoint"], "`http://` or `https://`");
+        check(json!({"endpoint": "http://key:secret@minio:9000"}), &["endpoint"], "`secret_access_key`");
     }
 
     #[test]
     fn access_keys_come_in_pairs() {
-        check(example_with(json!({"secret_access_key": null})), &["secret_access_key"], "give both");
-        check(example_with(json!({"access_key_id": null})), &["access_key_id"], "give both");
-        let neither = example_with(json!({"access_key_id": null, "secret_access_key": null}));
-        assert!(descriptor().validate(&neither).is_empty());
+        check(json!({"secret_access_key": null}), &["secret_access_key"], "give both");
+        check(json!({"access_key_id": null}), &["access_key_id"], "give both");
+        fine(json!({"access_key_id": null, "secret_access_key": null}));
     }
 
     #[test]
     fn secret_access_key_must_be_a_secret_reference() {
-        check(example_with(json!({"secret_access_key": "wJalrXUtnFEMI"})), &["secret_access_key"], "{{ secrets.");
+        check(json!({"secret_access_key": "wJalrXUtnFEMI"}), &["secret_access_key"], "{{ secrets.");
     }
 
     #[test]
     fn prefix_does_not_start_with_a_slash() {
-        check(example_with(json!({"prefix": "/backups/"})), &["prefix"], "write `backups/`");
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(json!({"force_path_style": true})));
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(issues[0].message.contains("unknown field `force_path_style`"), "{issues:#?}");
-        let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(json!({"force_path_style": true}))));
+        check(json!({"prefix": "/backups/"}), &["prefix"], "write `backups/`");
     }
 
     #[test]
     fn debug_never_shows_the_secret_access_key() {
         let mut spec = S3Kind::example();
         spec.secret_access_key = Some("wJalrXUtnFEMI-s3cr3t".to_owned());
-        let shown = format!("{spec:?}");
-        assert!(!shown.contains("wJalrXUtnFEMI-s3cr3t"), "{shown}");
+        let shown = assert_debug_hides(&spec, &["wJalrXUtnFEMI-s3cr3t"]);
         assert!(shown.contains("secret_access_key: Some(\"***\")"), "{shown}");
-    }
-
-    #[test]
-    fn build_says_the_implementation_is_not_there_yet() {
-        let err = descriptor().build(descriptor().example).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "service.build");
-    }
-
-    #[test]
-    fn registers_as_a_service_kind() {
-        let mut catalog = Catalog::new();
-        register_s3_service(&mut catalog).unwrap();
-        assert_eq!(catalog.services.get(S3_KIND).unwrap().kind, "s3");
     }
 }

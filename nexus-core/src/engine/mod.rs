@@ -113,6 +113,7 @@ struct AttemptDone {
     number: u32,
     status: AttemptStatus,
     exit_code: Option<i32>,
+    signal: Option<i32>,
     outputs: Map<String>,
     error: Option<String>,
 }
@@ -286,6 +287,14 @@ impl Engine {
             match concurrency.policy {
                 P::Skip => {
                     self.store.set_run_status(run_id, RunStatus::Skipped)?;
+                    for step in plan.all_steps() {
+                        self.store.set_step_status(
+                            run_id,
+                            &step.id,
+                            StepStatus::Skipped,
+                            Some("the run was skipped"),
+                        )?;
+                    }
                     let message = format!(
                         "skipped: concurrency group `{}` is busy with run {}",
                         concurrency.group, blockers[0].id
@@ -470,25 +479,40 @@ impl RunState {
         if self.cancelled {
             // Cancelled: no rollback, no success or failure hook, but `finally` runs
             // unless the operator insisted (second signal).
+            let hooks: Vec<PlannedStep> = self.plan.on_failure.iter().chain(&self.plan.on_success).cloned().collect();
+            self.skip_all(&hooks, "the run was cancelled")?;
             if !self.interrupts.kill.is_cancelled() {
                 let finally = self.plan.finally.clone();
                 self.cancelled = false;
                 self.interrupts.graceful = CancellationToken::new();
                 self.run_dag(&finally).await?;
             }
+            self.skip_all(&self.plan.finally.clone(), "the run was killed")?;
             return Ok(RunStatus::Cancelled);
         }
         if failed {
             self.rollback_all().await?;
             let hooks = self.plan.on_failure.clone();
             self.run_dag(&hooks).await?;
+            self.skip_all(&self.plan.on_success.clone(), "the run failed")?;
         } else {
             let hooks = self.plan.on_success.clone();
             self.run_dag(&hooks).await?;
+            self.skip_all(&self.plan.on_failure.clone(), "the run succeeded")?;
         }
         let finally = self.plan.finally.clone();
         self.run_dag(&finally).await?;
         Ok(if failed { RunStatus::Failed } else { RunStatus::Succeeded })
+    }
+
+    /// Marks the steps of a list that will not run as skipped, with the reason.
+    fn skip_all(&mut self, steps: &[PlannedStep], why: &str) -> Result<()> {
+        for s in steps {
+            if !self.nodes[&s.id].status.is_final() {
+                self.finish_step(s, StepStatus::Skipped, Some(why.to_owned()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs the rollback action of every succeeded main step, latest first.
@@ -778,9 +802,10 @@ impl RunState {
 
     fn release(&mut self, step_id: &str, step: &PlannedStep) {
         if let PlannedAction::Command(c) = &step.action
-            && let Some(n) = self.running_per_runner.get_mut(&c.runner) {
-                *n = n.saturating_sub(1);
-            }
+            && let Some(n) = self.running_per_runner.get_mut(&c.runner)
+        {
+            *n = n.saturating_sub(1);
+        }
         let holder = LeaseHolder { run_id: self.run_id.clone(), step_id: step_id.to_owned() };
         if let Some(node) = self.nodes.get_mut(step_id) {
             for lock in std::mem::take(&mut node.leases) {
@@ -858,7 +883,7 @@ impl RunState {
                 format!("{} {verb}", step.id),
             );
         }
-        let prepared = self.prepare(step, &log_rel);
+        let prepared = self.prepare(step, number, &log_rel);
         if let PlannedAction::Command(c) = &step.action {
             *self.running_per_runner.entry(c.runner.clone()).or_default() += 1;
         }
@@ -877,6 +902,7 @@ impl RunState {
                     number,
                     status: o.status,
                     exit_code: o.exit_code,
+                    signal: o.signal,
                     outputs: o.outputs,
                     error: o.error,
                 },
@@ -890,8 +916,10 @@ impl RunState {
                         _ => AttemptStatus::Failed,
                     },
                     exit_code: None,
+                    signal: None,
+                    // The message alone: the context (run, step) is shown next to it.
+                    error: Some(e.message().to_owned()),
                     outputs: Map::new(),
-                    error: Some(e.to_string()),
                 },
             }
         });
@@ -900,7 +928,7 @@ impl RunState {
 
     /// Resolves what an attempt needs (secrets, rendered command, runner) before it is
     /// spawned; errors become a failed attempt.
-    fn prepare(&mut self, step: &PlannedStep, log_rel: &str) -> Result<Prepared> {
+    fn prepare(&mut self, step: &PlannedStep, number: u32, log_rel: &str) -> Result<Prepared> {
         let log_path = self.engine.state_dir.join(log_rel);
         match &step.action {
             PlannedAction::Command(command) => {
@@ -913,7 +941,7 @@ impl RunState {
                     Error::new(e.kind(), self.redactor.redact(e.message())).with_operation("engine.render")
                 })?;
                 let runner = self.engine.runner(&self.plan, &command.runner)?;
-                let mut task = Task::new(&self.run_id, &step.id, 0, resolved.program);
+                let mut task = Task::new(&self.run_id, &step.id, number, resolved.program);
                 task.image = resolved.image;
                 task.env = resolved.env;
                 task.working_dir = resolved.working_dir;
@@ -976,7 +1004,7 @@ impl RunState {
             started_at: 0,
             finished_at: Some(now_millis()),
             exit_code: done.exit_code,
-            signal: None,
+            signal: done.signal,
             log_path: String::new(),
             error: error.clone(),
         };
@@ -1087,6 +1115,7 @@ enum Prepared {
 struct Finished {
     status: AttemptStatus,
     exit_code: Option<i32>,
+    signal: Option<i32>,
     outputs: Map<String>,
     error: Option<String>,
 }
@@ -1106,7 +1135,13 @@ impl Prepared {
                     (None, Some(sig)) => Some(format!("killed by signal {sig}")),
                     (None, None) => Some("ended without an exit status".to_owned()),
                 };
-                Ok(Finished { status, exit_code: outcome.exit_code, outputs: outcome.outputs, error })
+                Ok(Finished {
+                    status,
+                    exit_code: outcome.exit_code,
+                    signal: outcome.signal,
+                    outputs: outcome.outputs,
+                    error,
+                })
             }
         }
     }

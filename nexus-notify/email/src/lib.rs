@@ -7,6 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use nexus_core::spec::{check_non_empty, check_secret_ref, check_single_line, check_together, is_template};
 use nexus_core::traits::Notifier;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -119,17 +120,14 @@ impl ComponentKind for EmailKind {
                 format!("`{}` is not a host name; give the host only, and the rest in `port` and `tls`", spec.host),
             ));
         }
-        match (&spec.username, &spec.password) {
-            (Some(_), None) => {
-                issues.push(SpecIssue::new(&["password"], "`username` needs a `password`; give both or neither"));
-            }
-            (None, Some(_)) => {
-                issues.push(SpecIssue::new(&["username"], "`password` needs a `username`; give both or neither"));
-            }
-            _ => {}
-        }
+        check_together(
+            &mut issues,
+            ("username", spec.username.is_some()),
+            ("password", spec.password.is_some()),
+            "to send without authentication",
+        );
         if let Some(password) = &spec.password {
-            check_secret_ref(&mut issues, &["password"], password);
+            check_secret_ref(&mut issues, &["password"], password, "smtp_password");
             if spec.tls == Tls::None {
                 issues.push(SpecIssue::new(
                     &["tls"],
@@ -138,16 +136,14 @@ impl ComponentKind for EmailKind {
             }
         }
         check_address(&mut issues, &["from"], &spec.from);
-        if spec.to.is_empty() {
-            issues.push(SpecIssue::new(&["to"], "give at least one recipient"));
-        }
+        check_non_empty(&mut issues, &["to"], &spec.to, "recipient");
         for (field, list) in [("to", &spec.to), ("cc", &spec.cc)] {
             for (i, address) in list.iter().enumerate() {
                 check_address(&mut issues, &[field, &i.to_string()], address);
             }
         }
-        if spec.subject_prefix.as_deref().is_some_and(|p| p.contains(['\r', '\n'])) {
-            issues.push(SpecIssue::new(&["subject_prefix"], "the subject prefix must be a single line"));
+        if let Some(prefix) = &spec.subject_prefix {
+            check_single_line(&mut issues, &["subject_prefix"], prefix, "the subject prefix");
         }
         issues
     }
@@ -196,61 +192,24 @@ fn check_address(issues: &mut Vec<SpecIssue>, path: &[&str], text: &str) {
     issues.push(SpecIssue::new(path, format!("`{text}` is not an email address: {problem}")));
 }
 
-/// Whether `value` holds a template, whose rendered form cannot be checked yet.
-fn is_template(value: &str) -> bool {
-    value.contains("{{")
-}
-
-/// Checks that a credential is a `{{ secrets.* }}` reference, never a literal. The
-/// message never repeats the value.
-fn check_secret_ref(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str) {
-    if !(is_template(value) && value.contains("secrets.")) {
-        issues.push(SpecIssue::new(
-            path,
-            "write the credential as a reference such as `{{ secrets.smtp_password }}` and declare it in \
-             security_registry.yaml; a literal value would sit in the file in clear",
-        ));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_core::KindDescriptor;
+    use nexus_testkit::{assert_debug_hides, assert_single_issue, assert_valid, descriptor, example_with};
     use serde_json::{Value, json};
 
-    fn descriptor() -> KindDescriptor<dyn Notifier> {
-        KindDescriptor::of::<EmailKind>()
-    }
-
-    /// The example with `changes` applied: each key is set, or removed when `null`.
-    fn example_with(changes: Value) -> Value {
-        let mut spec = serde_json::to_value(EmailKind::example()).unwrap();
-        for (key, value) in changes.as_object().unwrap() {
-            if value.is_null() {
-                spec.as_object_mut().unwrap().remove(key);
-            } else {
-                spec[key] = value.clone();
-            }
-        }
-        spec
-    }
-
-    /// Asserts that validating `spec` gives exactly one issue, at `path`, saying `needle`.
-    fn check(spec: Value, path: &[&str], needle: &str) {
-        let issues = descriptor().validate(&spec);
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert_eq!(issues[0].path, path, "{issues:#?}");
-        assert!(issues[0].message.contains(needle), "{issues:#?}");
+    /// Asserts that the example with `changes` gives one issue, at `path`, saying `needle`.
+    fn check(changes: Value, path: &[&str], needle: &str) {
+        assert_single_issue(&descriptor::<EmailKind>(), &example_with::<EmailKind>(changes), path, needle);
     }
 
     #[test]
-    fn example_is_valid_against_schema_and_validate() {
-        let d = descriptor();
-        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
-        let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<EmailKind>();
+        nexus_testkit::schema_fields_are_documented::<EmailKind>();
+        nexus_testkit::unknown_field_is_refused::<EmailKind>("bcc");
+        nexus_testkit::build_is_unsupported::<EmailKind>();
+        nexus_testkit::registers_once::<EmailKind>(register_email_notifier);
     }
 
     #[test]
@@ -264,80 +223,48 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_documented_in_the_schema() {
-        let schema = descriptor().spec_schema;
-        for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
-        }
-    }
-
-    #[test]
     fn host_is_a_host_name() {
-        check(example_with(json!({"host": "smtp://mail.example.com"})), &["host"], "not a host name");
+        check(json!({"host": "smtp://mail.example.com"}), &["host"], "not a host name");
     }
 
     #[test]
     fn username_and_password_come_together() {
-        check(example_with(json!({"password": null})), &["password"], "give both");
-        check(example_with(json!({"username": null})), &["username"], "give both");
+        check(json!({"password": null}), &["password"], "give both");
+        check(json!({"username": null}), &["username"], "give both");
     }
 
     #[test]
     fn password_must_be_a_secret_reference_and_never_sent_in_clear() {
-        check(example_with(json!({"password": "hunter2"})), &["password"], "{{ secrets.");
-        check(example_with(json!({"tls": "none"})), &["tls"], "in clear");
+        check(json!({"password": "hunter2"}), &["password"], "{{ secrets.smtp_password }}");
+        check(json!({"tls": "none"}), &["tls"], "in clear");
     }
 
     #[test]
     fn recipients_are_a_non_empty_list_of_addresses() {
-        check(example_with(json!({"to": []})), &["to"], "at least one");
-        check(example_with(json!({"to": ["ops@example.com", "oncall"]})), &["to", "1"], "not an email address");
-        check(example_with(json!({"to": ["a@example.com, b@example.com"]})), &["to", "0"], "one address per item");
-        check(example_with(json!({"cc": ["lead@@example.com"]})), &["cc", "0"], "not an email address");
+        check(json!({"to": []}), &["to"], "at least one");
+        check(json!({"to": ["ops@example.com", "oncall"]}), &["to", "1"], "not an email address");
+        check(json!({"to": ["a@example.com, b@example.com"]}), &["to", "0"], "one address per item");
+        check(json!({"cc": ["lead@@example.com"]}), &["cc", "0"], "not an email address");
         let fine = json!({"to": ["\"Ops, EU\" <ops-eu@example.com>", "{{ env.vars.oncall_email }}"]});
-        assert!(descriptor().validate(&example_with(fine)).is_empty());
+        assert_valid(&descriptor::<EmailKind>(), &example_with::<EmailKind>(fine));
     }
 
     #[test]
     fn sender_is_an_address() {
-        check(example_with(json!({"from": "Nexus"})), &["from"], "not an email address");
-        check(example_with(json!({"from": "Nexus <nexus@example.com>\r\nBcc: x@evil"})), &["from"], "single line");
+        check(json!({"from": "Nexus"}), &["from"], "not an email address");
+        check(json!({"from": "Nexus <nexus@example.com>\r\nBcc: x@evil"}), &["from"], "single line");
     }
 
     #[test]
     fn subject_prefix_is_one_line() {
-        check(example_with(json!({"subject_prefix": "[nexus]\nBcc: x@evil"})), &["subject_prefix"], "single line");
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(json!({"bcc": ["x@example.com"]})));
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(issues[0].message.contains("unknown field `bcc`"), "{issues:#?}");
-        let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(json!({"bcc": ["x@example.com"]}))));
+        check(json!({"subject_prefix": "[nexus]\nBcc: x@evil"}), &["subject_prefix"], "single line");
     }
 
     #[test]
     fn debug_never_shows_the_password() {
         let mut spec = EmailKind::example();
         spec.password = Some("s3cr3t-pa55".to_owned());
-        let shown = format!("{spec:?}");
-        assert!(!shown.contains("s3cr3t-pa55"), "{shown}");
+        let shown = assert_debug_hides(&spec, &["s3cr3t-pa55"]);
         assert!(shown.contains("password: Some(\"***\")"), "{shown}");
-    }
-
-    #[test]
-    fn build_says_the_implementation_is_not_there_yet() {
-        let err = descriptor().build(descriptor().example).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "notifier.build");
-    }
-
-    #[test]
-    fn registers_as_a_notifier_kind() {
-        let mut catalog = Catalog::new();
-        register_email_notifier(&mut catalog).unwrap();
-        assert_eq!(catalog.notifiers.get(EMAIL_KIND).unwrap().kind, "email");
     }
 }

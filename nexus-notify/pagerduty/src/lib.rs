@@ -8,6 +8,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use nexus_core::spec::{check_secret_ref, check_url};
 use nexus_core::traits::Notifier;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -90,8 +91,8 @@ impl ComponentKind for PagerDutyKind {
 
     fn validate(spec: &PagerDutySpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
-        check_secret_ref(&mut issues, &["routing_key"], &spec.routing_key);
-        check_url(&mut issues, &["events_url"], &spec.events_url, &["https", "http"]);
+        check_secret_ref(&mut issues, &["routing_key"], &spec.routing_key, "pagerduty_routing_key");
+        check_url(&mut issues, &["events_url"], &spec.events_url, &["https", "http"], None);
         issues
     }
 
@@ -109,89 +110,24 @@ pub fn register_pagerduty_notifier(catalog: &mut Catalog) -> Result<()> {
     catalog.notifiers.register_kind::<PagerDutyKind>()
 }
 
-/// Whether `value` holds a template, whose rendered form cannot be checked yet.
-fn is_template(value: &str) -> bool {
-    value.contains("{{")
-}
-
-/// Checks that `value` is an absolute URL with one of `schemes`, a host, and no
-/// credentials. A template is checked for credentials only.
-fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &[&str]) {
-    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
-        issues.push(SpecIssue::new(
-            path,
-            "the URL must not carry credentials (`user:password@`): they would show in logs",
-        ));
-        return;
-    }
-    if is_template(value) {
-        return;
-    }
-    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
-    match value.split_once("://") {
-        Some((scheme, _)) if schemes.contains(&scheme) => {}
-        _ => {
-            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
-            return;
-        }
-    }
-    if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
-    }
-}
-
-/// Checks that a credential is a `{{ secrets.* }}` reference, never a literal. The
-/// message never repeats the value.
-fn check_secret_ref(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str) {
-    if !(is_template(value) && value.contains("secrets.")) {
-        issues.push(SpecIssue::new(
-            path,
-            "write the credential as a reference such as `{{ secrets.pagerduty_routing_key }}` and declare it in \
-             security_registry.yaml; a literal value would sit in the file in clear",
-        ));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_core::KindDescriptor;
+    use nexus_testkit::{assert_debug_hides, assert_single_issue, assert_valid, descriptor, example_with};
     use serde_json::{Value, json};
 
-    fn descriptor() -> KindDescriptor<dyn Notifier> {
-        KindDescriptor::of::<PagerDutyKind>()
-    }
-
-    /// The example with `changes` applied: each key is set, or removed when `null`.
-    fn example_with(changes: Value) -> Value {
-        let mut spec = serde_json::to_value(PagerDutyKind::example()).unwrap();
-        for (key, value) in changes.as_object().unwrap() {
-            if value.is_null() {
-                spec.as_object_mut().unwrap().remove(key);
-            } else {
-                spec[key] = value.clone();
-            }
-        }
-        spec
-    }
-
-    /// Asserts that validating `spec` gives exactly one issue, at `path`, saying `needle`.
-    fn check(spec: Value, path: &[&str], needle: &str) {
-        let issues = descriptor().validate(&spec);
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert_eq!(issues[0].path, path, "{issues:#?}");
-        assert!(issues[0].message.contains(needle), "{issues:#?}");
+    /// Asserts that the example with `changes` gives one issue, at `path`, saying `needle`.
+    fn check(changes: Value, path: &[&str], needle: &str) -> SpecIssue {
+        assert_single_issue(&descriptor::<PagerDutyKind>(), &example_with::<PagerDutyKind>(changes), path, needle)
     }
 
     #[test]
-    fn example_is_valid_against_schema_and_validate() {
-        let d = descriptor();
-        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
-        let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<PagerDutyKind>();
+        nexus_testkit::schema_fields_are_documented::<PagerDutyKind>();
+        nexus_testkit::unknown_field_is_refused::<PagerDutyKind>("severity");
+        nexus_testkit::build_is_unsupported::<PagerDutyKind>();
+        nexus_testkit::registers_once::<PagerDutyKind>(register_pagerduty_notifier);
     }
 
     #[test]
@@ -203,56 +139,24 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_documented_in_the_schema() {
-        let schema = descriptor().spec_schema;
-        for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
-        }
-    }
-
-    #[test]
     fn routing_key_must_be_a_secret_reference() {
-        check(example_with(json!({"routing_key": "R0UT1NGK3Y"})), &["routing_key"], "{{ secrets.");
-        let issues = descriptor().validate(&example_with(json!({"routing_key": "R0UT1NGK3Y"})));
-        assert!(!issues[0].message.contains("R0UT1NGK3Y"), "{issues:#?}");
+        let issue = check(json!({"routing_key": "R0UT1NGK3Y"}), &["routing_key"], "{{ secrets.");
+        assert!(!issue.message.contains("R0UT1NGK3Y"), "{issue:#?}");
     }
 
     #[test]
     fn events_url_is_an_http_url() {
-        check(example_with(json!({"events_url": "events.pagerduty.com/v2/enqueue"})), &["events_url"], "`https://`");
-        check(example_with(json!({"events_url": "https://u:p@events.test/v2"})), &["events_url"], "credentials");
-        assert!(descriptor().validate(&example_with(json!({"events_url": "http://127.0.0.1:8080/v2"}))).is_empty());
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(json!({"severity": "critical"})));
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(issues[0].message.contains("unknown field `severity`"), "{issues:#?}");
-        let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(json!({"severity": "critical"}))));
+        check(json!({"events_url": "events.pagerduty.com/v2/enqueue"}), &["events_url"], "`https://`");
+        check(json!({"events_url": "https://u:p@events.test/v2"}), &["events_url"], "credentials");
+        let local = example_with::<PagerDutyKind>(json!({"events_url": "http://127.0.0.1:8080/v2"}));
+        assert_valid(&descriptor::<PagerDutyKind>(), &local);
     }
 
     #[test]
     fn debug_never_shows_the_routing_key() {
         let mut spec = PagerDutyKind::example();
         spec.routing_key = "R0UT1NGK3Y".to_owned();
-        let shown = format!("{spec:?}");
-        assert!(!shown.contains("R0UT1NGK3Y"), "{shown}");
+        let shown = assert_debug_hides(&spec, &["R0UT1NGK3Y"]);
         assert!(shown.contains("routing_key: \"***\""), "{shown}");
-    }
-
-    #[test]
-    fn build_says_the_implementation_is_not_there_yet() {
-        let err = descriptor().build(descriptor().example).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "notifier.build");
-    }
-
-    #[test]
-    fn registers_as_a_notifier_kind() {
-        let mut catalog = Catalog::new();
-        register_pagerduty_notifier(&mut catalog).unwrap();
-        assert_eq!(catalog.notifiers.get(PAGERDUTY_KIND).unwrap().kind, "pagerduty");
     }
 }

@@ -9,6 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use nexus_core::spec::{check_secret_ref, is_template};
 use nexus_core::traits::Notifier;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -102,10 +103,10 @@ impl ComponentKind for SlackKind {
             }
         }
         if let Some(url) = &spec.webhook_url {
-            check_secret_ref(&mut issues, &["webhook_url"], url);
+            check_secret_ref(&mut issues, &["webhook_url"], url, "slack_webhook_url");
         }
         if let Some(token) = &spec.token {
-            check_secret_ref(&mut issues, &["token"], token);
+            check_secret_ref(&mut issues, &["token"], token, "slack_bot_token");
         }
         let spaced = |c: &&String| !is_template(c) && c.contains(char::is_whitespace);
         if let Some(channel) = spec.channel.as_ref().filter(spaced) {
@@ -145,108 +146,54 @@ fn is_emoji_code(text: &str) -> bool {
         .is_some_and(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-+'".contains(c)))
 }
 
-/// Whether `value` holds a template, whose rendered form cannot be checked yet.
-fn is_template(value: &str) -> bool {
-    value.contains("{{")
-}
-
-/// Checks that a credential is a `{{ secrets.* }}` reference, never a literal. The
-/// message never repeats the value.
-fn check_secret_ref(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str) {
-    if !(is_template(value) && value.contains("secrets.")) {
-        issues.push(SpecIssue::new(
-            path,
-            "write the credential as a reference such as `{{ secrets.slack_bot_token }}` and declare it in \
-             security_registry.yaml; a literal value would sit in the file in clear",
-        ));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_core::KindDescriptor;
-    use serde_json::{Value, json};
+    use nexus_testkit::{assert_debug_hides, assert_single_issue, assert_valid, descriptor, example_with};
+    use serde_json::json;
 
-    fn descriptor() -> KindDescriptor<dyn Notifier> {
-        KindDescriptor::of::<SlackKind>()
-    }
-
-    /// The example with `changes` applied: each key is set, or removed when `null`.
-    fn example_with(changes: Value) -> Value {
-        let mut spec = serde_json::to_value(SlackKind::example()).unwrap();
-        for (key, value) in changes.as_object().unwrap() {
-            if value.is_null() {
-                spec.as_object_mut().unwrap().remove(key);
-            } else {
-                spec[key] = value.clone();
-            }
-        }
-        spec
-    }
-
-    /// Asserts that validating `spec` gives exactly one issue, at `path`, saying `needle`.
-    fn check(spec: Value, path: &[&str], needle: &str) {
-        let issues = descriptor().validate(&spec);
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert_eq!(issues[0].path, path, "{issues:#?}");
-        assert!(issues[0].message.contains(needle), "{issues:#?}");
+    /// Asserts that `spec` gives one issue, at `path`, saying `needle`.
+    fn check(spec: serde_json::Value, path: &[&str], needle: &str) {
+        assert_single_issue(&descriptor::<SlackKind>(), &spec, path, needle);
     }
 
     #[test]
-    fn example_is_valid_against_schema_and_validate() {
-        let d = descriptor();
-        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
-        let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<SlackKind>();
+        nexus_testkit::schema_fields_are_documented::<SlackKind>();
+        nexus_testkit::unknown_field_is_refused::<SlackKind>("icon_url");
+        nexus_testkit::build_is_unsupported::<SlackKind>();
+        nexus_testkit::registers_once::<SlackKind>(register_slack_notifier);
     }
 
     #[test]
     fn a_webhook_alone_is_enough() {
-        let spec = json!({"webhook_url": "{{ secrets.slack_webhook_url }}"});
-        assert!(descriptor().validate(&spec).is_empty(), "{:#?}", descriptor().validate(&spec));
-    }
-
-    #[test]
-    fn every_field_is_documented_in_the_schema() {
-        let schema = descriptor().spec_schema;
-        for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
-        }
+        assert_valid(&descriptor::<SlackKind>(), &json!({"webhook_url": "{{ secrets.slack_webhook_url }}"}));
     }
 
     #[test]
     fn exactly_one_form_is_given() {
         let webhook = "{{ secrets.slack_webhook_url }}";
-        check(example_with(json!({"webhook_url": webhook})), &[], "not both forms");
-        check(example_with(json!({"webhook_url": webhook, "token": null})), &["channel"], "remove `channel`");
-        check(example_with(json!({"channel": null})), &["channel"], "needs the `channel`");
-        check(example_with(json!({"token": null})), &["token"], "needs a bot `token`");
+        check(example_with::<SlackKind>(json!({"webhook_url": webhook})), &[], "not both forms");
+        let webhook_and_channel = example_with::<SlackKind>(json!({"webhook_url": webhook, "token": null}));
+        check(webhook_and_channel, &["channel"], "remove `channel`");
+        check(example_with::<SlackKind>(json!({"channel": null})), &["channel"], "needs the `channel`");
+        check(example_with::<SlackKind>(json!({"token": null})), &["token"], "needs a bot `token`");
         check(json!({"username": "Nexus"}), &[], "give `webhook_url`, or `token` and `channel`");
     }
 
     #[test]
     fn credentials_must_be_secret_references() {
-        check(example_with(json!({"token": "xoxb-123-456-abc"})), &["token"], "{{ secrets.");
+        check(example_with::<SlackKind>(json!({"token": "xoxb-123-456-abc"})), &["token"], "{{ secrets.");
         let literal = json!({"webhook_url": "https://hooks.slack.com/services/T0/B0/XYZ"});
-        check(literal, &["webhook_url"], "{{ secrets.");
+        check(literal, &["webhook_url"], "{{ secrets.slack_webhook_url }}");
     }
 
     #[test]
     fn channel_and_icon_have_their_shapes() {
-        check(example_with(json!({"channel": "#ops alerts"})), &["channel"], "no spaces");
-        check(example_with(json!({"icon_emoji": "robot_face"})), &["icon_emoji"], "between colons");
-        assert!(descriptor().validate(&example_with(json!({"icon_emoji": ":+1:"}))).is_empty());
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(json!({"icon_url": "https://example.com/x.png"})));
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(issues[0].message.contains("unknown field `icon_url`"), "{issues:#?}");
-        let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(json!({"icon_url": "https://example.com/x.png"}))));
+        check(example_with::<SlackKind>(json!({"channel": "#ops alerts"})), &["channel"], "no spaces");
+        check(example_with::<SlackKind>(json!({"icon_emoji": "robot_face"})), &["icon_emoji"], "between colons");
+        assert_valid(&descriptor::<SlackKind>(), &example_with::<SlackKind>(json!({"icon_emoji": ":+1:"})));
     }
 
     #[test]
@@ -254,22 +201,7 @@ mod tests {
         let mut spec = SlackKind::example();
         spec.token = Some("xoxb-s3cr3t".to_owned());
         spec.webhook_url = Some("https://hooks.slack.com/services/T0/B0/S3CR3T".to_owned());
-        let shown = format!("{spec:?}");
-        assert!(!shown.contains("s3cr3t") && !shown.contains("S3CR3T"), "{shown}");
+        let shown = assert_debug_hides(&spec, &["s3cr3t", "S3CR3T"]);
         assert!(shown.contains("token: Some(\"***\")"), "{shown}");
-    }
-
-    #[test]
-    fn build_says_the_implementation_is_not_there_yet() {
-        let err = descriptor().build(descriptor().example).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "notifier.build");
-    }
-
-    #[test]
-    fn registers_as_a_notifier_kind() {
-        let mut catalog = Catalog::new();
-        register_slack_notifier(&mut catalog).unwrap();
-        assert_eq!(catalog.notifiers.get(SLACK_KIND).unwrap().kind, "slack");
     }
 }

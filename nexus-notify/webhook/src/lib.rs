@@ -10,6 +10,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use nexus_core::model::{Duration, Map};
+use nexus_core::spec::{
+    MaskedValues, check_header_name, check_headers, check_positive_duration, check_secret_ref, check_url,
+};
 use nexus_core::traits::Notifier;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -71,20 +74,11 @@ impl fmt::Debug for WebhookSpec {
         f.debug_struct("WebhookSpec")
             .field("url", &redacted_url(&self.url))
             .field("method", &self.method)
-            .field("headers", &HeaderNames(&self.headers))
+            .field("headers", &MaskedValues(&self.headers))
             .field("signing_secret", &self.signing_secret.as_ref().map(|_| "***"))
             .field("signature_header", &self.signature_header)
             .field("timeout", &self.timeout)
             .finish()
-    }
-}
-
-/// Shows header names, never their values (they may hold credentials).
-struct HeaderNames<'a>(&'a Map<String>);
-
-impl fmt::Debug for HeaderNames<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.keys().map(|name| (name, "***"))).finish()
     }
 }
 
@@ -122,39 +116,27 @@ impl ComponentKind for WebhookKind {
 
     fn validate(spec: &WebhookSpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
-        check_url(&mut issues, &["url"], &spec.url, &["http", "https"]);
-        for (name, value) in &spec.headers {
-            if !is_token(name) {
-                issues.push(SpecIssue::new(
-                    &["headers", name],
-                    format!("`{name}` is not a valid header name: use letters, digits and `-`, without spaces or `:`"),
-                ));
-            } else if value.contains(['\r', '\n']) {
-                issues.push(SpecIssue::new(&["headers", name], "a header value must be a single line"));
-            } else if spec.signing_secret.is_some() && name.eq_ignore_ascii_case(&spec.signature_header) {
+        check_url(&mut issues, &["url"], &spec.url, &["http", "https"], Some("send them in `headers`"));
+        check_headers(&mut issues, "headers", &spec.headers);
+        if let Some(secret) = &spec.signing_secret {
+            for name in spec.headers.keys().filter(|name| name.eq_ignore_ascii_case(&spec.signature_header)) {
                 issues.push(SpecIssue::new(
                     &["headers", name],
                     format!("`{name}` carries the signature; remove it from `headers` or change `signature_header`"),
                 ));
             }
+            check_secret_ref(&mut issues, &["signing_secret"], secret, "webhook_signing_key");
         }
-        if let Some(secret) = &spec.signing_secret {
-            check_secret_ref(&mut issues, &["signing_secret"], secret);
-        }
-        if !is_token(&spec.signature_header) {
-            issues.push(SpecIssue::new(
-                &["signature_header"],
-                format!("`{}` is not a valid header name", spec.signature_header),
-            ));
-        } else if spec.signing_secret.is_none() && spec.signature_header != DEFAULT_SIGNATURE_HEADER {
+        if check_header_name(&mut issues, &["signature_header"], &spec.signature_header)
+            && spec.signing_secret.is_none()
+            && spec.signature_header != DEFAULT_SIGNATURE_HEADER
+        {
             issues.push(SpecIssue::new(
                 &["signature_header"],
                 "requests are signed only with a `signing_secret`; set it or remove `signature_header`",
             ));
         }
-        if spec.timeout.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(&["timeout"], "the timeout must be longer than zero"));
-        }
+        check_positive_duration(&mut issues, &["timeout"], spec.timeout, "timeout");
         issues
     }
 
@@ -172,94 +154,24 @@ pub fn register_webhook_notifier(catalog: &mut Catalog) -> Result<()> {
     catalog.notifiers.register_kind::<WebhookKind>()
 }
 
-/// Whether `value` holds a template, whose rendered form cannot be checked yet.
-fn is_template(value: &str) -> bool {
-    value.contains("{{")
-}
-
-/// Checks that `value` is an absolute URL with one of `schemes`, a host, and no
-/// credentials. A template is checked for credentials only.
-fn check_url(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str, schemes: &[&str]) {
-    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
-        issues.push(SpecIssue::new(
-            path,
-            "the URL must not carry credentials (`user:password@`), which would show in logs; send them in `headers`",
-        ));
-        return;
-    }
-    if is_template(value) {
-        return;
-    }
-    let expected = schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ");
-    match value.split_once("://") {
-        Some((scheme, _)) if schemes.contains(&scheme) => {}
-        _ => {
-            issues.push(SpecIssue::new(path, format!("`{value}` is not a URL starting with {expected}")));
-            return;
-        }
-    }
-    if authority.is_empty() || value.contains(char::is_whitespace) {
-        issues.push(SpecIssue::new(path, format!("`{value}` must name a host and contain no spaces")));
-    }
-}
-
-/// Checks that a credential is a `{{ secrets.* }}` reference, never a literal. The
-/// message never repeats the value.
-fn check_secret_ref(issues: &mut Vec<SpecIssue>, path: &[&str], value: &str) {
-    if !(is_template(value) && value.contains("secrets.")) {
-        issues.push(SpecIssue::new(
-            path,
-            "write the credential as a reference such as `{{ secrets.webhook_signing_key }}` and declare it in \
-             security_registry.yaml; a literal value would sit in the file in clear",
-        ));
-    }
-}
-
-/// Whether `name` is an HTTP token (RFC 9110 §5.6.2), as header names must be.
-fn is_token(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_core::KindDescriptor;
+    use nexus_testkit::{assert_debug_hides, assert_single_issue, assert_valid, descriptor, example_with};
     use serde_json::{Value, json};
 
-    fn descriptor() -> KindDescriptor<dyn Notifier> {
-        KindDescriptor::of::<WebhookKind>()
-    }
-
-    /// The example with `changes` applied: each key is set, or removed when `null`.
-    fn example_with(changes: Value) -> Value {
-        let mut spec = serde_json::to_value(WebhookKind::example()).unwrap();
-        for (key, value) in changes.as_object().unwrap() {
-            if value.is_null() {
-                spec.as_object_mut().unwrap().remove(key);
-            } else {
-                spec[key] = value.clone();
-            }
-        }
-        spec
-    }
-
-    /// Asserts that validating `spec` gives exactly one issue, at `path`, saying `needle`.
-    fn check(spec: Value, path: &[&str], needle: &str) {
-        let issues = descriptor().validate(&spec);
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert_eq!(issues[0].path, path, "{issues:#?}");
-        assert!(issues[0].message.contains(needle), "{issues:#?}");
+    /// Asserts that the example with `changes` gives one issue, at `path`, saying `needle`.
+    fn check(changes: Value, path: &[&str], needle: &str) {
+        assert_single_issue(&descriptor::<WebhookKind>(), &example_with::<WebhookKind>(changes), path, needle);
     }
 
     #[test]
-    fn example_is_valid_against_schema_and_validate() {
-        let d = descriptor();
-        assert!(d.validate(&d.example).is_empty(), "{:#?}", d.validate(&d.example));
-        let schema = jsonschema::validator_for(&d.spec_schema).unwrap();
-        let errors: Vec<_> = schema.iter_errors(&d.example).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<WebhookKind>();
+        nexus_testkit::schema_fields_are_documented::<WebhookKind>();
+        nexus_testkit::unknown_field_is_refused::<WebhookKind>("secret");
+        nexus_testkit::build_is_unsupported::<WebhookKind>();
+        nexus_testkit::registers_once::<WebhookKind>(register_webhook_notifier);
     }
 
     #[test]
@@ -271,62 +183,44 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_documented_in_the_schema() {
-        let schema = descriptor().spec_schema;
-        for (name, property) in schema["properties"].as_object().unwrap() {
-            assert!(property["description"].as_str().is_some_and(|d| !d.is_empty()), "`{name}` has no description");
-        }
-    }
-
-    #[test]
     fn method_is_post_or_put() {
-        assert!(descriptor().validate(&example_with(json!({"method": "PUT"}))).is_empty());
-        let issues = descriptor().validate(&example_with(json!({"method": "GET"})));
-        assert!(issues[0].message.contains("unknown variant `GET`"), "{issues:#?}");
+        assert_valid(&descriptor::<WebhookKind>(), &example_with::<WebhookKind>(json!({"method": "PUT"})));
+        check(json!({"method": "GET"}), &[], "unknown variant `GET`");
     }
 
     #[test]
     fn url_is_an_http_url_without_credentials() {
-        check(example_with(json!({"url": "hooks.example.com/nexus"})), &["url"], "`http://` or `https://`");
-        check(example_with(json!({"url": "https://u:p@hooks.example.com/"})), &["url"], "credentials");
+        check(json!({"url": "hooks.example.com/nexus"}), &["url"], "`http://` or `https://`");
+        check(json!({"url": "https://u:p@hooks.example.com/"}), &["url"], "credentials");
     }
 
     #[test]
     fn header_names_and_values_are_checked() {
-        check(example_with(json!({"headers": {"X Token": "x"}})), &["headers", "X Token"], "header name");
-        check(example_with(json!({"headers": {"X-A": "a\nX-B: b"}})), &["headers", "X-A"], "single line");
+        check(json!({"headers": {"X Token": "x"}}), &["headers", "X Token"], "header name");
+        check(json!({"headers": {"X-A": "a\nX-B: b"}}), &["headers", "X-A"], "single line");
     }
 
     #[test]
     fn the_signature_header_is_not_set_by_hand() {
         let headers = json!({"headers": {"x-nexus-signature-256": "sha256=00"}});
-        check(example_with(headers), &["headers", "x-nexus-signature-256"], "carries the signature");
+        check(headers, &["headers", "x-nexus-signature-256"], "carries the signature");
     }
 
     #[test]
     fn signing_secret_must_be_a_secret_reference() {
-        check(example_with(json!({"signing_secret": "hunter2"})), &["signing_secret"], "{{ secrets.");
+        check(json!({"signing_secret": "hunter2"}), &["signing_secret"], "{{ secrets.webhook_signing_key }}");
     }
 
     #[test]
     fn a_signature_header_needs_a_signing_secret() {
-        let spec = example_with(json!({"signing_secret": null, "signature_header": "X-Hub-Signature-256"}));
+        let spec = json!({"signing_secret": null, "signature_header": "X-Hub-Signature-256"});
         check(spec, &["signature_header"], "only with a `signing_secret`");
-        check(example_with(json!({"signature_header": "X Sig"})), &["signature_header"], "not a valid header name");
+        check(json!({"signature_header": "X Sig"}), &["signature_header"], "not a valid header name");
     }
 
     #[test]
     fn timeout_must_be_positive() {
-        check(example_with(json!({"timeout": "0s"})), &["timeout"], "longer than zero");
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let issues = descriptor().validate(&example_with(json!({"secret": "{{ secrets.x }}"})));
-        assert_eq!(issues.len(), 1, "{issues:#?}");
-        assert!(issues[0].message.contains("unknown field `secret`"), "{issues:#?}");
-        let schema = jsonschema::validator_for(&descriptor().spec_schema).unwrap();
-        assert!(!schema.is_valid(&example_with(json!({"secret": "{{ secrets.x }}"}))));
+        check(json!({"timeout": "0s"}), &["timeout"], "longer than zero");
     }
 
     #[test]
@@ -335,24 +229,7 @@ mod tests {
         spec.url = "https://chat.example.com/hooks/T0K3N?key=K3Y".to_owned();
         spec.signing_secret = Some("s1gn1ng-s3cr3t".to_owned());
         spec.headers.insert("Authorization".to_owned(), "Bearer b34r3r".to_owned());
-        let shown = format!("{spec:?}");
-        for secret in ["T0K3N", "K3Y", "s1gn1ng-s3cr3t", "b34r3r"] {
-            assert!(!shown.contains(secret), "{secret} in {shown}");
-        }
+        let shown = assert_debug_hides(&spec, &["T0K3N", "K3Y", "s1gn1ng-s3cr3t", "b34r3r"]);
         assert!(shown.contains("url: \"https://chat.example.com/***\""), "{shown}");
-    }
-
-    #[test]
-    fn build_says_the_implementation_is_not_there_yet() {
-        let err = descriptor().build(descriptor().example).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "notifier.build");
-    }
-
-    #[test]
-    fn registers_as_a_notifier_kind() {
-        let mut catalog = Catalog::new();
-        register_webhook_notifier(&mut catalog).unwrap();
-        assert_eq!(catalog.notifiers.get(WEBHOOK_KIND).unwrap().kind, "webhook");
     }
 }

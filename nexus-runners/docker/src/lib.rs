@@ -8,6 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use nexus_core::model::Map;
+use nexus_core::spec::{check_env_name, is_template};
 use nexus_core::traits::Runner;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -251,13 +252,8 @@ impl ComponentKind for DockerRunnerKind {
                 ));
             }
         }
-        for name in spec.env.keys().filter(|k| !is_template(k)) {
-            if name.is_empty() || name.contains('=') || name.contains('\0') {
-                issues.push(SpecIssue::new(
-                    &["env", name],
-                    format!("`{name}` is not a valid environment variable name: it must be non-empty, without `=`"),
-                ));
-            }
+        for name in spec.env.keys() {
+            check_env_name(&mut issues, &["env", name], name);
         }
         if let Some(dir) = spec.working_dir.as_deref().filter(|d| !is_template(d))
             && !dir.starts_with('/')
@@ -282,11 +278,6 @@ impl ComponentKind for DockerRunnerKind {
 /// Registers the `docker` runner kind into `catalog`.
 pub fn register_docker_runner(catalog: &mut Catalog) -> Result<()> {
     catalog.runners.register_kind::<DockerRunnerKind>()
-}
-
-/// Whether a value holds a template, which is only known after rendering.
-fn is_template(value: &str) -> bool {
-    value.contains("{{") || value.contains("{%")
 }
 
 /// What is wrong with an image reference (`[registry/]path[:tag][@digest]`), if anything.
@@ -401,8 +392,16 @@ mod tests {
     }
 
     #[test]
-    fn example_validates_clean_and_defaults_apply() {
-        assert!(DockerRunnerKind::validate(&DockerRunnerKind::example()).is_empty());
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<DockerRunnerKind>();
+        nexus_testkit::schema_fields_are_documented::<DockerRunnerKind>();
+        nexus_testkit::unknown_field_is_refused::<DockerRunnerKind>("volumes");
+        nexus_testkit::build_is_unsupported::<DockerRunnerKind>();
+        nexus_testkit::registers_once::<DockerRunnerKind>(register_docker_runner);
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
         let minimal: DockerSpec = serde_json::from_value(serde_json::json!({"image": "alpine:3.20"})).unwrap();
         assert_eq!(minimal.pull, PullPolicy::IfMissing);
         assert!(minimal.remove);
@@ -483,13 +482,16 @@ mod tests {
     }
 
     #[test]
-    fn build_is_unsupported_and_debug_hides_env_values() {
-        let err = DockerRunnerKind::build(DockerRunnerKind::example()).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "runner.build");
+    fn env_names_are_checked() {
+        let found = issues(serde_json::json!({"image": "a", "env": {"A=B": "x", "{{ env.vars.k }}": "y", "OK": "z"}}));
+        assert_eq!(found, ["env.A=B: `A=B` is not a valid environment variable name: it cannot contain `=` or NUL"]);
+    }
+
+    #[test]
+    fn debug_hides_env_values() {
         let mut spec = DockerRunnerKind::example();
         spec.env.insert("TOKEN".to_owned(), "hunter2".to_owned());
-        let shown = format!("{spec:?}");
-        assert!(shown.contains("TOKEN") && !shown.contains("hunter2"), "{shown}");
+        let shown = nexus_testkit::assert_debug_hides(&spec, &["hunter2"]);
+        assert!(shown.contains("TOKEN"), "{shown}");
     }
 }

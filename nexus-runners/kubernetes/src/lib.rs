@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use nexus_core::model::Map;
+use nexus_core::spec::{check_not_blank, is_template};
 use nexus_core::traits::Runner;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -229,11 +230,13 @@ impl ComponentKind for KubernetesRunnerKind {
             issues.push(SpecIssue::new(&["service_account"], format!("service account {problem}")));
         }
         for (field, value) in [("image", &spec.image), ("context", &spec.context), ("kubeconfig", &spec.kubeconfig)] {
-            if let Some(value) = value.as_deref().filter(|v| !is_template(v))
-                && (value.trim().is_empty() || (field == "image" && value.chars().any(char::is_whitespace)))
+            if let Some(value) = value.as_deref()
+                && check_not_blank(&mut issues, &[field], value, field, "remove it or give one")
+                && field == "image"
+                && !is_template(value)
+                && value.chars().any(char::is_whitespace)
             {
-                issues
-                    .push(SpecIssue::new(&[field], format!("`{value}` is not a valid {field}; remove it or give one")));
+                issues.push(SpecIssue::new(&[field], format!("`{value}` is not a valid image; remove it or give one")));
             }
         }
         if let Some(resources) = &spec.resources {
@@ -267,11 +270,6 @@ impl ComponentKind for KubernetesRunnerKind {
 /// Registers the `kubernetes` runner kind into `catalog`.
 pub fn register_kubernetes_runner(catalog: &mut Catalog) -> Result<()> {
     catalog.runners.register_kind::<KubernetesRunnerKind>()
-}
-
-/// Whether a value holds a template, which is only known after rendering.
-fn is_template(value: &str) -> bool {
-    value.contains("{{") || value.contains("{%")
 }
 
 fn check_resources(resources: &Resources, issues: &mut Vec<SpecIssue>) {
@@ -460,11 +458,32 @@ mod tests {
     }
 
     #[test]
-    fn example_validates_clean_and_defaults_apply() {
-        assert!(KubernetesRunnerKind::validate(&KubernetesRunnerKind::example()).is_empty());
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<KubernetesRunnerKind>();
+        nexus_testkit::schema_fields_are_documented::<KubernetesRunnerKind>();
+        nexus_testkit::unknown_field_is_refused::<KubernetesRunnerKind>("serviceAccountName");
+        nexus_testkit::build_is_unsupported::<KubernetesRunnerKind>();
+        nexus_testkit::registers_once::<KubernetesRunnerKind>(register_kubernetes_runner);
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_spec() {
         let minimal: KubernetesSpec = serde_json::from_value(serde_json::json!({})).unwrap();
         assert_eq!(minimal.namespace, "default");
         assert!(KubernetesRunnerKind::validate(&minimal).is_empty());
+    }
+
+    #[test]
+    fn image_context_and_kubeconfig_are_not_blank() {
+        let found = issues(serde_json::json!({"image": "my image", "context": " ", "kubeconfig": ""}));
+        assert_eq!(
+            found,
+            [
+                "image | `my image` is not a valid image; remove it or give one",
+                "context | the context is empty; remove it or give one",
+                "kubeconfig | the kubeconfig is empty; remove it or give one",
+            ]
+        );
     }
 
     #[test]
@@ -526,12 +545,5 @@ mod tests {
             "resources": {"limits": {"memory": "{{ env.vars.memory }}"}},
         }));
         assert!(found.is_empty(), "{found:?}");
-    }
-
-    #[test]
-    fn build_is_unsupported() {
-        let err = KubernetesRunnerKind::build(KubernetesRunnerKind::example()).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "runner.build");
     }
 }

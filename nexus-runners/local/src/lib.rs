@@ -28,6 +28,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use nexus_core::model::{Duration, Map};
+use nexus_core::spec::{check_env_name, check_not_blank, is_template};
 use nexus_core::traits::Runner;
 use nexus_core::{Catalog, ComponentKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -130,27 +131,27 @@ impl ComponentKind for LocalRunnerKind {
 
     fn validate(spec: &LocalSpec) -> Vec<SpecIssue> {
         let mut issues = Vec::new();
-        if !is_template(&spec.shell) {
-            if spec.shell.trim().is_empty() {
-                issues.push(SpecIssue::new(&["shell"], "the shell is empty; name one such as `sh` or `bash`"));
-            } else if spec.shell.chars().any(char::is_whitespace) {
-                issues.push(SpecIssue::new(
-                    &["shell"],
-                    format!(
-                        "`{}` is not a program name: the shell is run as `SHELL -c SCRIPT`, so give only its name or path (options go in the script)",
-                        spec.shell
-                    ),
-                ));
-            }
-        }
-        if let Some(dir) = &spec.working_dir
-            && dir.trim().is_empty()
+        if !is_template(&spec.shell)
+            && check_not_blank(&mut issues, &["shell"], &spec.shell, "shell", "name one such as `sh` or `bash`")
+            && spec.shell.chars().any(char::is_whitespace)
         {
-            issues.push(SpecIssue::new(&["working_dir"], "the working directory is empty; remove it or give a path"));
+            issues.push(SpecIssue::new(
+                &["shell"],
+                format!(
+                    "`{}` is not a program name: the shell is run as `SHELL -c SCRIPT`, so give only its name or path (options go in the script)",
+                    spec.shell
+                ),
+            ));
+        }
+        if let Some(dir) = &spec.working_dir {
+            check_not_blank(&mut issues, &["working_dir"], dir, "working directory", "remove it or give a path");
         }
         for name in spec.env.keys() {
-            if let Some(problem) = env_name_problem(name) {
-                issues.push(SpecIssue::new(&["env", name], problem));
+            if check_env_name(&mut issues, &["env", name], name) && RESERVED_VARS.contains(&name.as_str()) {
+                issues.push(SpecIssue::new(
+                    &["env", name],
+                    format!("`{name}` is set by Nexus for every attempt; choose another name"),
+                ));
             }
         }
         issues
@@ -166,28 +167,6 @@ pub fn register_local_runner(catalog: &mut Catalog) -> Result<()> {
     catalog.runners.register_kind::<LocalRunnerKind>()
 }
 
-/// Whether a value holds a template, which is only known after rendering.
-fn is_template(value: &str) -> bool {
-    value.contains("{{") || value.contains("{%")
-}
-
-/// What is wrong with an environment variable's name, if anything.
-fn env_name_problem(name: &str) -> Option<String> {
-    if is_template(name) {
-        return None;
-    }
-    if name.is_empty() {
-        return Some("an environment variable's name cannot be empty".to_owned());
-    }
-    if name.contains('=') || name.contains('\0') {
-        return Some(format!("`{name}` is not a valid environment variable name: it cannot contain `=` or NUL"));
-    }
-    if RESERVED_VARS.contains(&name) {
-        return Some(format!("`{name}` is set by Nexus for every attempt; choose another name"));
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,8 +176,15 @@ mod tests {
     }
 
     #[test]
-    fn example_validates_clean_and_defaults_apply() {
-        assert!(LocalRunnerKind::validate(&LocalRunnerKind::example()).is_empty());
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<LocalRunnerKind>();
+        nexus_testkit::schema_fields_are_documented::<LocalRunnerKind>();
+        nexus_testkit::unknown_field_is_refused::<LocalRunnerKind>("shel");
+        nexus_testkit::registers_once::<LocalRunnerKind>(register_local_runner);
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_spec() {
         let empty = spec(serde_json::json!({}));
         assert_eq!(empty, LocalSpec::default());
         assert_eq!(empty.shell, "sh");
@@ -218,8 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_and_bad_durations_are_refused() {
-        assert!(serde_json::from_value::<LocalSpec>(serde_json::json!({"shel": "sh"})).is_err());
+    fn bad_durations_are_refused() {
         assert!(serde_json::from_value::<LocalSpec>(serde_json::json!({"kill_grace": "soon"})).is_err());
     }
 
@@ -227,20 +212,7 @@ mod tests {
     fn debug_hides_env_values() {
         let mut spec = LocalSpec::default();
         spec.env.insert("TOKEN".to_owned(), "hunter2".to_owned());
-        let shown = format!("{spec:?}");
-        assert!(shown.contains("TOKEN") && !shown.contains("hunter2"), "{shown}");
-    }
-
-    #[test]
-    fn schema_documents_every_field() {
-        let mut catalog = Catalog::new();
-        register_local_runner(&mut catalog).unwrap();
-        let descriptor = catalog.runners.get(LOCAL_KIND).unwrap();
-        let properties = descriptor.spec_schema["properties"].as_object().unwrap();
-        assert_eq!(properties.len(), 5);
-        for (name, property) in properties {
-            assert!(property.get("description").is_some(), "field `{name}` has no description: {property}");
-        }
-        assert_eq!(descriptor.spec_schema["additionalProperties"], false);
+        let shown = nexus_testkit::assert_debug_hides(&spec, &["hunter2"]);
+        assert!(shown.contains("TOKEN"), "{shown}");
     }
 }

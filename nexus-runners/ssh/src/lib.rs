@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use nexus_core::model::Duration;
+use nexus_core::spec::{check_not_blank, check_positive_duration, is_template};
 use nexus_core::traits::Runner;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
@@ -153,8 +154,8 @@ impl ComponentKind for SshRunnerKind {
                 .push(SpecIssue::new(&["port"], "port 0 is not a port; SSH listens on 22 unless configured otherwise"));
         }
         for (field, path) in [("identity_file", &spec.identity_file), ("known_hosts_file", &spec.known_hosts_file)] {
-            if path.as_deref().is_some_and(|p| p.trim().is_empty()) {
-                issues.push(SpecIssue::new(&[field], "the path is empty; remove the field or give a path"));
+            if let Some(path) = path {
+                check_not_blank(&mut issues, &[field], path, "path", "remove the field or give a path");
             }
         }
         if let Some(jump) = spec.jump_host.as_deref().filter(|j| !is_template(j)) {
@@ -169,9 +170,7 @@ impl ComponentKind for SshRunnerKind {
         if spec.parallelism == 0 {
             issues.push(SpecIssue::new(&["parallelism"], "parallelism must be at least 1"));
         }
-        if spec.connect_timeout.is_some_and(|t| t.get().is_zero()) {
-            issues.push(SpecIssue::new(&["connect_timeout"], "a connect timeout of zero would fail every connection"));
-        }
+        check_positive_duration(&mut issues, &["connect_timeout"], spec.connect_timeout, "connect timeout");
         issues
     }
 
@@ -187,11 +186,6 @@ impl ComponentKind for SshRunnerKind {
 /// Registers the `ssh` runner kind into `catalog`.
 pub fn register_ssh_runner(catalog: &mut Catalog) -> Result<()> {
     catalog.runners.register_kind::<SshRunnerKind>()
-}
-
-/// Whether a value holds a template, which is only known after rendering.
-fn is_template(value: &str) -> bool {
-    value.contains("{{") || value.contains("{%")
 }
 
 /// What is wrong with a host name or address, if anything.
@@ -229,8 +223,16 @@ mod tests {
     }
 
     #[test]
-    fn example_validates_clean_and_defaults_apply() {
-        assert!(SshRunnerKind::validate(&SshRunnerKind::example()).is_empty());
+    fn passes_the_kind_conformance_checks() {
+        nexus_testkit::example_is_valid::<SshRunnerKind>();
+        nexus_testkit::schema_fields_are_documented::<SshRunnerKind>();
+        nexus_testkit::unknown_field_is_refused::<SshRunnerKind>("identity");
+        nexus_testkit::build_is_unsupported::<SshRunnerKind>();
+        nexus_testkit::registers_once::<SshRunnerKind>(register_ssh_runner);
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
         let minimal: SshSpec = serde_json::from_value(serde_json::json!({"host": "db-1"})).unwrap();
         assert_eq!((minimal.port, minimal.parallelism), (22, 1));
         assert!(minimal.strict_host_key_checking);
@@ -278,12 +280,5 @@ mod tests {
     #[test]
     fn templates_skip_format_checks() {
         assert!(paths(serde_json::json!({"hosts": ["{{ env.vars.app_host }}", "{{ env.vars.app_host }}"], "user": "{{ env.vars.user }}"})).is_empty());
-    }
-
-    #[test]
-    fn build_is_unsupported() {
-        let err = SshRunnerKind::build(SshRunnerKind::example()).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert_eq!(err.operation(), "runner.build");
     }
 }
