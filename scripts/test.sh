@@ -7,8 +7,8 @@
 # 2. every test of the workspace, including the `#[ignore = "needs …"]` ones
 #    (tests that need a real service; scripts/test-env.sh will install and start
 #    those services once a crate needs one — today none does);
-# 3. the front door: the committed JSON Schemas are fresh and the example platform
-#    validates.
+# 3. the front door: the committed JSON Schemas are fresh, the example platform
+#    validates, and its default pipeline runs.
 # Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +35,10 @@ cargo run --quiet -p nexus-cli -- schema --check
 
 step "nexus validate (example platform)"
 cargo run --quiet -p nexus-cli -- validate --config config/ssot
+
+step "nexus run (the README's main command, on a fresh state store)"
+state_dir=$(mktemp -d)
+trap 'rm -rf "$state_dir"' EXIT
+cargo run --quiet -p nexus-cli -- run --state "$state_dir"
 
 step "all checks passed"
