@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::secrets::Redactor;
 use crate::traits::{LogSink, Stream};
 
@@ -39,31 +39,27 @@ impl LiveStatus {
     }
 }
 
-/// Writes an attempt's lines to its log file as `<unix-ms> <out|err> <line>`.
+/// Writes an attempt's lines to its log file as `<unix-ms> <out|err> <line>`. The file
+/// is created with the first line: a silent attempt costs no file.
 pub struct FileSink {
-    file: Mutex<BufWriter<File>>,
+    path: std::path::PathBuf,
+    file: Mutex<Option<BufWriter<File>>>,
     redactor: Redactor,
     live: LiveStatus,
     step: String,
 }
 
 impl FileSink {
-    /// Creates the log file (and its directory).
+    /// A sink for the log file at `path` (its directory must exist).
     pub fn create(path: &Path, redactor: Redactor, live: LiveStatus, step: String) -> Result<Self> {
-        let io = |e: std::io::Error| {
-            Error::new(ErrorKind::Unavailable, format!("cannot write the log file {}: {e}", path.display()))
-                .with_operation("engine.log")
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let file = File::create(path).map_err(io)?;
-        Ok(FileSink { file: Mutex::new(BufWriter::new(file)), redactor, live, step })
+        Ok(FileSink { path: path.to_owned(), file: Mutex::new(None), redactor, live, step })
     }
 
     /// Flushes the file.
     pub fn finish(&self) {
-        if let Ok(mut f) = self.file.lock() {
+        if let Ok(mut f) = self.file.lock()
+            && let Some(f) = f.as_mut()
+        {
             let _ = f.flush();
         }
     }
@@ -78,8 +74,14 @@ impl LogSink for FileSink {
             Stream::Stderr => "err",
         };
         if let Ok(mut f) = self.file.lock() {
-            // A full disk must not kill the step; the log simply stops growing.
-            let _ = writeln!(f, "{ms} {tag} {line}");
+            if f.is_none() {
+                // A log that cannot be created must not kill the step.
+                *f = File::create(&self.path).ok().map(BufWriter::new);
+            }
+            if let Some(f) = f.as_mut() {
+                // A full disk must not kill the step either; the log stops growing.
+                let _ = writeln!(f, "{ms} {tag} {line}");
+            }
         }
         self.live.set(&self.step, &line);
     }

@@ -32,8 +32,8 @@ use crate::model::{Map, RetryPolicy, Severity, Ssot};
 use crate::plan::{Plan, PlannedAction, PlannedCommand, PlannedStep, render_command, template_env};
 use crate::secrets::{self, Redactor};
 use crate::state::{
-    AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, Owner, RunRecord, RunStatus, StateStore, StepStatus,
-    now_millis,
+    AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, NewEvent, Owner, RunRecord, RunStatus, StateStore,
+    StepStatus, now_millis,
 };
 use crate::traits::{Event, Runner, SecretValue, Task};
 
@@ -52,6 +52,8 @@ pub struct Engine {
     bus: EventBus,
     runners: Arc<Mutex<HashMap<String, Arc<dyn Runner>>>>,
     live: LiveStatus,
+    /// Events not yet journaled: written in one transaction per scheduler pass.
+    pending_events: Arc<Mutex<Vec<(String, NewEvent)>>>,
 }
 
 /// What the operator decided for steps interrupted by a crash.
@@ -151,6 +153,7 @@ impl Engine {
             bus: EventBus::new(),
             runners: Arc::new(Mutex::new(HashMap::new())),
             live: LiveStatus::default(),
+            pending_events: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -191,9 +194,8 @@ impl Engine {
             error: None,
         };
         self.store.create_run(&record)?;
-        for step in plan.all_steps() {
-            self.store.set_step_status(&id, &step.id, StepStatus::Pending, None)?;
-        }
+        let ids: Vec<String> = plan.all_steps().map(|s| s.id.clone()).collect();
+        self.store.create_steps(&id, &ids)?;
         Ok(id)
     }
 
@@ -237,6 +239,7 @@ impl Engine {
             message.push_str(&format!(": {e}"));
         }
         self.emit(run_id, plan, kind, None, severity, message);
+        self.flush_events();
         Ok(RunOutcome { run_id: run_id.to_owned(), status, error })
     }
 
@@ -255,6 +258,7 @@ impl Engine {
             }
         }
         run.rollback_all().await?;
+        self.flush_events();
         Ok(order
             .iter()
             .rev()
@@ -300,6 +304,7 @@ impl Engine {
                         concurrency.group, blockers[0].id
                     );
                     self.emit(run_id, plan, "run.skipped", None, Severity::Warning, message.clone());
+                    self.flush_events();
                     return Ok(Some(RunOutcome {
                         run_id: run_id.to_owned(),
                         status: RunStatus::Skipped,
@@ -323,6 +328,7 @@ impl Engine {
                     Severity::Info,
                     format!("waiting: concurrency group `{}` is busy with run {}", concurrency.group, blockers[0].id),
                 );
+                self.flush_events();
             }
             if me.cancel_requested || interrupts.graceful.is_cancelled() {
                 self.store.finish_run(run_id, RunStatus::Cancelled, Some("cancelled while queued"))?;
@@ -340,14 +346,40 @@ impl Engine {
     }
 
     fn emit(&self, run_id: &str, plan: &Plan, kind: &str, step: Option<&str>, severity: Severity, message: String) {
-        // The journal write is best effort here: losing an event must not fail a run.
-        let _ = self.store.append_event(run_id, kind, step, &message);
+        if let Ok(mut pending) = self.pending_events.lock() {
+            pending.push((
+                run_id.to_owned(),
+                NewEvent {
+                    at: now_millis(),
+                    kind: kind.to_owned(),
+                    step_id: step.map(str::to_owned),
+                    message: message.clone(),
+                },
+            ));
+        }
         let mut event = Event::new(kind, severity, message);
         event.run_id = Some(run_id.to_owned());
         event.pipeline = Some(plan.pipeline.clone());
         event.environment = Some(plan.environment.clone());
         event.step = step.map(str::to_owned);
         self.bus.publish(event);
+    }
+
+    /// Journals the buffered events. Best effort: losing an event must not fail a run
+    /// (the attempts and steps tables, written ahead, are the record that matters).
+    fn flush_events(&self) {
+        let pending = match self.pending_events.lock() {
+            Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
+            _ => return,
+        };
+        let mut start = 0;
+        while start < pending.len() {
+            let run_id = &pending[start].0;
+            let end = pending[start..].iter().position(|(r, _)| r != run_id).map_or(pending.len(), |n| start + n);
+            let batch: Vec<NewEvent> = pending[start..end].iter().map(|(_, e)| e.clone()).collect();
+            let _ = self.store.append_events(run_id, &batch);
+            start = end;
+        }
     }
 
     fn runner(&self, plan: &Plan, name: &str) -> Result<Arc<dyn Runner>> {
@@ -424,7 +456,9 @@ struct RunState {
     engine: Engine,
     run_id: String,
     plan: Plan,
-    nodes: BTreeMap<String, Node>,
+    nodes: HashMap<String, Node>,
+    /// Steps with a retry delay or an approval deadline.
+    timers: HashSet<String>,
     running: JoinSet<AttemptDone>,
     running_per_runner: HashMap<String, u32>,
     interrupts: Interrupts,
@@ -440,7 +474,7 @@ impl RunState {
         let security = &engine.ssot.security;
         let redactor =
             Redactor::new(std::iter::empty(), &security.redaction.patterns, security.redaction.replacement.as_deref());
-        let mut nodes = BTreeMap::new();
+        let mut nodes = HashMap::new();
         for step in plan.all_steps() {
             let mut node = Node::new();
             if let Some((status, outputs)) = recovered.done.get(&step.id) {
@@ -451,11 +485,14 @@ impl RunState {
             nodes.insert(step.id.clone(), node);
         }
         let deadline = plan.timeout.map(|t| Instant::now() + t.get());
+        // Attempt logs go to <state>/logs/<run>/; a failure shows at the first attempt.
+        let _ = std::fs::create_dir_all(engine.state_dir.join("logs").join(&run_id));
         RunState {
             engine,
             run_id,
             plan,
             nodes,
+            timers: HashSet::new(),
             running: JoinSet::new(),
             running_per_runner: HashMap::new(),
             interrupts,
@@ -588,14 +625,24 @@ impl RunState {
     /// Runs a list of steps as a DAG until every one is final.
     async fn run_dag(&mut self, steps: &[PlannedStep]) -> Result<()> {
         let ids: HashSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+        // The steps not final yet, in declaration order; pruned when a step finishes.
+        let mut open: Vec<usize> = (0..steps.len()).collect();
+        let mut pruned_at = u64::MAX;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if !self.cancelled {
-                self.schedule(steps).await?;
+            if pruned_at != self.finished_counter {
+                open.retain(|&i| !self.nodes[&steps[i].id].status.is_final());
+                pruned_at = self.finished_counter;
             }
-            let unfinished = steps.iter().filter(|s| !self.nodes[&s.id].status.is_final()).count();
-            if unfinished == 0 && self.running.is_empty() {
+            if !self.cancelled {
+                self.schedule(steps, &open).await?;
+                if pruned_at != self.finished_counter {
+                    open.retain(|&i| !self.nodes[&steps[i].id].status.is_final());
+                    pruned_at = self.finished_counter;
+                }
+            }
+            if open.is_empty() && self.running.is_empty() {
                 return Ok(());
             }
             if self.cancelled && self.running.is_empty() {
@@ -606,7 +653,8 @@ impl RunState {
                 }
                 return Ok(());
             }
-            let next_wake = self.next_wake(steps);
+            let next_wake = self.next_wake();
+            self.engine.flush_events();
             tokio::select! {
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
                     let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
@@ -645,11 +693,11 @@ impl RunState {
         }
     }
 
-    fn next_wake(&self, steps: &[PlannedStep]) -> Option<Instant> {
-        steps
+    fn next_wake(&self) -> Option<Instant> {
+        self.timers
             .iter()
-            .filter_map(|s| {
-                let n = &self.nodes[&s.id];
+            .filter_map(|id| {
+                let n = &self.nodes[id];
                 n.not_before.into_iter().chain(n.deadline).min()
             })
             .chain(self.deadline)
@@ -704,9 +752,9 @@ impl RunState {
     }
 
     /// Starts every step that can start.
-    async fn schedule(&mut self, steps: &[PlannedStep]) -> Result<()> {
+    async fn schedule(&mut self, steps: &[PlannedStep], open: &[usize]) -> Result<()> {
         let now = Instant::now();
-        for step in steps {
+        for step in open.iter().map(|&i| &steps[i]) {
             if self.running.len() >= self.plan.parallelism as usize {
                 break;
             }
@@ -761,6 +809,9 @@ impl RunState {
                 let node = self.nodes.get_mut(&step.id).expect("node");
                 node.status = StepStatus::WaitingApproval;
                 node.deadline = deadline;
+                if deadline.is_some() {
+                    self.timers.insert(step.id.clone());
+                }
                 self.engine.store.set_step_status(&self.run_id, &step.id, StepStatus::WaitingApproval, None)?;
                 let message = self.render_text(step, message);
                 self.engine.emit(
@@ -933,10 +984,17 @@ impl RunState {
         match &step.action {
             PlannedAction::Command(command) => {
                 let secrets = self.resolve_secrets(command)?;
-                let mut runtime = self.context(step);
-                runtime["secrets"] = Value::Object(
-                    secrets.iter().map(|(k, v)| (k.clone(), Value::String(v.expose().to_owned()))).collect(),
-                );
+                // The run-time context (every step's outputs) is built only for commands
+                // that still hold templates: most are fully rendered at plan time.
+                let runtime = if command.rendered {
+                    Value::Null
+                } else {
+                    let mut runtime = self.context(step);
+                    runtime["secrets"] = Value::Object(
+                        secrets.iter().map(|(k, v)| (k.clone(), Value::String(v.expose().to_owned()))).collect(),
+                    );
+                    runtime
+                };
                 let resolved = render_command(&self.plan, step, command, &runtime).map_err(|e| {
                     Error::new(e.kind(), self.redactor.redact(e.message())).with_operation("engine.render")
                 })?;
@@ -968,13 +1026,16 @@ impl RunState {
     fn resolve_secrets(&mut self, command: &PlannedCommand) -> Result<Vec<(String, SecretValue)>> {
         let security = &self.engine.ssot.security;
         let mut names: Vec<String> = command.secrets.clone();
-        // Secrets read by templates (`{{ secrets.x }}`) are resolved too.
-        let text = serde_json::to_string(&command.run).unwrap_or_default()
-            + &serde_json::to_string(&command.env).unwrap_or_default()
-            + &serde_json::to_string(&command.params).unwrap_or_default();
-        for name in security.secrets.keys() {
-            if text.contains(&format!("secrets.{name}")) && !names.contains(name) {
-                names.push(name.clone());
+        // Secrets read by templates (`{{ secrets.x }}`) are resolved too; a rendered
+        // command has none left (templates reading secrets are rendered at run time).
+        if !command.rendered {
+            let text = serde_json::to_string(&command.run).unwrap_or_default()
+                + &serde_json::to_string(&command.env).unwrap_or_default()
+                + &serde_json::to_string(&command.params).unwrap_or_default();
+            for name in security.secrets.keys() {
+                if text.contains(&format!("secrets.{name}")) && !names.contains(name) {
+                    names.push(name.clone());
+                }
             }
         }
         let mut out = Vec::new();
@@ -1040,6 +1101,7 @@ impl RunState {
             let node = self.nodes.get_mut(&step.id).expect("node");
             node.status = StepStatus::Pending;
             node.not_before = Some(Instant::now() + wait);
+            self.timers.insert(step.id.clone());
             self.engine.store.set_step_status(&self.run_id, &step.id, StepStatus::Pending, Some(&why))?;
             self.engine.emit(
                 &self.run_id,
@@ -1064,6 +1126,7 @@ impl RunState {
         node.status = status;
         node.not_before = None;
         node.deadline = None;
+        self.timers.remove(&step.id);
         node.finished_seq = self.finished_counter;
         let outputs = serde_json::to_string(&node.outputs).unwrap_or_else(|_| "{}".into());
         let error = error.map(|e| self.redactor.redact(&e));

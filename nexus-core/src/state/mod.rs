@@ -232,6 +232,19 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// An event not yet journaled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// When it happened.
+    pub at: Millis,
+    /// Dotted type.
+    pub kind: String,
+    /// The step, if any.
+    pub step_id: Option<String>,
+    /// One line (redacted).
+    pub message: String,
+}
+
 /// An operator's decision on an approval step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalRecord {
@@ -313,6 +326,10 @@ pub trait StateStore: Send + Sync {
     fn interrupt_running(&self, run_id: &str) -> Result<Vec<String>>;
     /// Appends an event; returns its sequence number.
     fn append_event(&self, run_id: &str, kind: &str, step_id: Option<&str>, message: &str) -> Result<i64>;
+    /// Appends several events, in order, in one transaction.
+    fn append_events(&self, run_id: &str, events: &[NewEvent]) -> Result<()>;
+    /// Records the steps of a new run as `pending`, in order, in one transaction.
+    fn create_steps(&self, run_id: &str, step_ids: &[String]) -> Result<()>;
     /// Asks the owner of a run to cancel it.
     fn request_cancel(&self, run_id: &str) -> Result<()>;
     /// Records an approval decision (the last one for a step wins).

@@ -30,15 +30,20 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 const REAP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs step attempts as local processes (see the crate documentation).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LocalRunner {
     spec: LocalSpec,
+    /// A private (0700) directory for the attempts' `$NEXUS_OUTPUT` files, created on
+    /// first use. Each attempt gets a fresh path in it; the file exists only if the step
+    /// writes it, which spares two file-system operations per attempt.
+    outputs_dir: std::sync::OnceLock<tempfile::TempDir>,
+    next_output: std::sync::atomic::AtomicU64,
 }
 
 impl LocalRunner {
     /// A runner with these settings.
     pub fn new(spec: LocalSpec) -> Self {
-        LocalRunner { spec }
+        LocalRunner { spec, outputs_dir: std::sync::OnceLock::new(), next_output: std::sync::atomic::AtomicU64::new(0) }
     }
 
     /// The program to start, its arguments, and how to name it in errors.
@@ -118,6 +123,39 @@ enum Stop {
     Cancelled,
 }
 
+/// An attempt's `$NEXUS_OUTPUT` path; the file, if the step created it, is removed on drop.
+struct OutputFile(std::path::PathBuf);
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl LocalRunner {
+    /// A fresh, not yet existing path in the runner's private outputs directory.
+    fn output_path(&self, task: &Task) -> Result<std::path::PathBuf> {
+        let dir = match self.outputs_dir.get() {
+            Some(d) => d,
+            None => {
+                let created = tempfile::Builder::new().prefix("nexus-outputs-").tempdir().map_err(|e| {
+                    step_error(
+                        ErrorKind::Unavailable,
+                        task,
+                        "cannot create a directory for $NEXUS_OUTPUT files in the temporary directory",
+                    )
+                    .with_source(e)
+                })?;
+                // Another attempt may have won the race; its directory is as good.
+                let _ = self.outputs_dir.set(created);
+                self.outputs_dir.get().expect("set above")
+            }
+        };
+        let n = self.next_output.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(dir.path().join(format!("output-{n}")))
+    }
+}
+
 #[async_trait]
 impl Runner for LocalRunner {
     async fn run(&self, task: &Task, logs: &dyn LogSink, cancel: CancellationToken) -> Result<Outcome> {
@@ -125,11 +163,8 @@ impl Runner for LocalRunner {
             return Err(step_error(ErrorKind::Cancelled, task, "cancelled before it started"));
         }
         let (program, args) = self.program(task)?;
-        let output_file = tempfile::Builder::new().prefix("nexus-output-").tempfile().map_err(|e| {
-            step_error(ErrorKind::Unavailable, task, "cannot create the $NEXUS_OUTPUT file in the temporary directory")
-                .with_source(e)
-        })?;
-        let mut command = self.command(task, program, &args, output_file.path())?;
+        let output_file = OutputFile(self.output_path(task)?);
+        let mut command = self.command(task, program, &args, &output_file.0)?;
 
         let started = SystemTime::now();
         let deadline = task.timeout.map(|t| Instant::now() + t);
@@ -179,11 +214,11 @@ impl Runner for LocalRunner {
             }
             Stop::Cancelled => Err(step_error(ErrorKind::Cancelled, task, format!("cancelled; {how}"))),
             Stop::Exited(status) => {
-                let (outputs, notes) = read_outputs(output_file.path());
+                let (outputs, notes) = read_outputs(&output_file.0);
                 for note in notes {
                     logs.line(Stream::Stderr, &format!("nexus: {note}"));
                 }
-                drop(output_file); // deletes it
+                drop(output_file); // deletes it, if the step wrote it
                 let mut outcome = Outcome::exited(0, started, finished);
                 outcome.exit_code = status.code();
                 outcome.signal = status.signal();

@@ -32,8 +32,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, ToSql, Transaction
 
 pub use self::migrations::SCHEMA_VERSION;
 use super::{
-    ApprovalRecord, AttemptKind, AttemptRecord, AttemptStatus, EventRecord, LeaseHolder, Owner, RunFilter, RunRecord,
-    RunStatus, Signals, StateStore, StepRecord, StepStatus, now_millis,
+    ApprovalRecord, AttemptKind, AttemptRecord, AttemptStatus, EventRecord, LeaseHolder, NewEvent, Owner, RunFilter,
+    RunRecord, RunStatus, Signals, StateStore, StepRecord, StepStatus, now_millis,
 };
 use crate::error::{Error, ErrorKind, Result};
 
@@ -711,6 +711,38 @@ impl StateStore for SqliteStore {
                 )?
                 .query_row(params![run_id, now_millis(), kind, step_id, message], |r| r.get(0))?;
             Ok(seq)
+        })
+    }
+
+    fn append_events(&self, run_id: &str, events: &[NewEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.write("state.append_events", Some(run_id), |tx| {
+            let mut seq: i64 = tx
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE run_id = ?1")?
+                .query_row([run_id], |r| r.get(0))?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (run_id, seq, at, kind, step_id, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for e in events {
+                seq += 1;
+                insert.execute(params![run_id, seq, e.at, e.kind, e.step_id, e.message])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn create_steps(&self, run_id: &str, step_ids: &[String]) -> Result<()> {
+        self.write("state.create_steps", Some(run_id), |tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO steps (run_id, step_id, status) VALUES (?1, ?2, 'pending')
+                 ON CONFLICT (run_id, step_id) DO NOTHING",
+            )?;
+            for id in step_ids {
+                insert.execute(params![run_id, id])?;
+            }
+            Ok(())
         })
     }
 
