@@ -495,6 +495,23 @@ fn rollback_runs_latest_first_then_on_failure_then_finally() {
 }
 
 #[test]
+fn rollback_command_undoes_a_finished_run_latest_first() {
+    let env = Env::new();
+    assert_eq!(env.run("rollback-later").code, Some(0));
+    let id = env.runs()[0]["id"].as_str().unwrap().to_owned();
+    let done = env.nexus(&["rollback", &id]);
+    assert_eq!(done.code, Some(0), "{}", done.dump());
+    assert_eq!(env.trace(), ["a", "b", "rb-b", "rb-a"]);
+    let show = env.show(&id);
+    assert_eq!(status_of(&show, "a"), "rolled-back");
+    assert_eq!(status_of(&show, "b"), "rolled-back");
+    // Nothing left to undo the second time.
+    let again = env.nexus(&["rollback", &id]);
+    assert_eq!(again.code, Some(0), "{}", again.dump());
+    assert_eq!(env.trace(), ["a", "b", "rb-b", "rb-a"]);
+}
+
+#[test]
 fn a_finished_run_has_no_pending_step() {
     let env = Env::new();
     assert_eq!(env.run("rollback").code, Some(1));
