@@ -505,6 +505,10 @@ fn rollback_command_undoes_a_finished_run_latest_first() {
     let show = env.show(&id);
     assert_eq!(status_of(&show, "a"), "rolled-back");
     assert_eq!(status_of(&show, "b"), "rolled-back");
+    let rollback_attempts: Vec<Value> =
+        attempts_of(&show, "a").into_iter().filter(|a| a["kind"] == "rollback").collect();
+    assert_eq!(rollback_attempts.len(), 1);
+    assert_eq!(rollback_attempts[0]["status"], "succeeded", "{rollback_attempts:?}");
     // Nothing left to undo the second time.
     let again = env.nexus(&["rollback", &id]);
     assert_eq!(again.code, Some(0), "{}", again.dump());

@@ -594,6 +594,20 @@ impl RunState {
         while let Some(joined) = self.running.join_next().await {
             let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
             self.release(&done.step, &planned);
+            let record = AttemptRecord {
+                run_id: self.run_id.clone(),
+                step_id: step.id.clone(),
+                number: done.number,
+                kind: AttemptKind::Rollback,
+                status: done.status,
+                started_at: 0,
+                finished_at: Some(now_millis()),
+                exit_code: done.exit_code,
+                signal: done.signal,
+                log_path: String::new(),
+                error: done.error.as_ref().map(|e| self.redactor.redact(e)),
+            };
+            self.engine.store.attempt_finished(&record)?;
             if done.status == AttemptStatus::Succeeded {
                 if let Some(node) = self.nodes.get_mut(&step.id) {
                     node.status = StepStatus::RolledBack;
@@ -654,7 +668,6 @@ impl RunState {
                 return Ok(());
             }
             let next_wake = self.next_wake();
-            self.engine.flush_events();
             tokio::select! {
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
                     let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
@@ -707,6 +720,9 @@ impl RunState {
     /// Heartbeat: record life, read cancel requests and approvals, renew leases, expire
     /// approvals, enforce the run timeout.
     fn tick(&mut self, steps: &[PlannedStep]) -> Result<()> {
+        // Events are journaled here and at the end of the run, not per step: they are the
+        // narrative; attempts and steps (written ahead, synchronously) are the record.
+        self.engine.flush_events();
         let signals = self.engine.store.heartbeat(&self.run_id)?;
         if signals.cancel_requested {
             self.cancel("cancelled by an operator (`nexus cancel`)");
@@ -1081,22 +1097,22 @@ impl RunState {
                 ));
             }
         }
-        self.engine.store.attempt_finished(&record)?;
         if record.status == AttemptStatus::Succeeded {
             self.nodes.get_mut(&step.id).expect("node").outputs = outputs;
-            return self.finish_step(&step, StepStatus::Succeeded, None);
+            return self.finish_step_after(&step, StepStatus::Succeeded, None, Some(&record));
         }
         let why = record.error.clone().unwrap_or_else(|| match record.exit_code {
             Some(code) => format!("exited with code {code}"),
             None => "failed".to_owned(),
         });
         if record.status == AttemptStatus::Cancelled || self.cancelled {
-            return self.finish_step(&step, StepStatus::Cancelled, Some(why));
+            return self.finish_step_after(&step, StepStatus::Cancelled, Some(why), Some(&record));
         }
         let attempts = self.nodes[&step.id].attempts;
         let retryable_code = step.retry.on_exit_codes.is_empty()
             || record.exit_code.is_some_and(|c| step.retry.on_exit_codes.contains(&c));
         if attempts < step.retry.attempts && retryable_code && done.kind == AttemptKind::Main {
+            self.engine.store.attempt_finished(&record)?;
             let wait = backoff(&step.retry, attempts + 1);
             let node = self.nodes.get_mut(&step.id).expect("node");
             node.status = StepStatus::Pending;
@@ -1117,10 +1133,22 @@ impl RunState {
             );
             return Ok(());
         }
-        self.finish_step(&step, StepStatus::Failed, Some(why))
+        self.finish_step_after(&step, StepStatus::Failed, Some(why), Some(&record))
     }
 
     fn finish_step(&mut self, step: &PlannedStep, status: StepStatus, error: Option<String>) -> Result<()> {
+        self.finish_step_after(step, status, error, None)
+    }
+
+    /// Records a step's final status, with the attempt that ended it in the same
+    /// transaction when there is one.
+    fn finish_step_after(
+        &mut self,
+        step: &PlannedStep,
+        status: StepStatus,
+        error: Option<String>,
+        attempt: Option<&AttemptRecord>,
+    ) -> Result<()> {
         self.finished_counter += 1;
         let node = self.nodes.get_mut(&step.id).expect("node");
         node.status = status;
@@ -1130,7 +1158,10 @@ impl RunState {
         node.finished_seq = self.finished_counter;
         let outputs = serde_json::to_string(&node.outputs).unwrap_or_else(|_| "{}".into());
         let error = error.map(|e| self.redactor.redact(&e));
-        self.engine.store.step_finished(&self.run_id, &step.id, status, &outputs, error.as_deref())?;
+        match attempt {
+            Some(a) => self.engine.store.attempt_and_step_finished(a, status, &outputs, error.as_deref())?,
+            None => self.engine.store.step_finished(&self.run_id, &step.id, status, &outputs, error.as_deref())?,
+        }
         let (kind, severity) = match status {
             StepStatus::Succeeded => ("step.succeeded", Severity::Info),
             StepStatus::Skipped => ("step.skipped", Severity::Info),

@@ -321,6 +321,18 @@ pub trait StateStore: Send + Sync {
         outputs_json: &str,
         error: Option<&str>,
     ) -> Result<()>;
+    /// `attempt_finished` and `step_finished` in one transaction (the common case of an
+    /// attempt that ends its step).
+    fn attempt_and_step_finished(
+        &self,
+        attempt: &AttemptRecord,
+        status: StepStatus,
+        outputs_json: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.attempt_finished(attempt)?;
+        self.step_finished(&attempt.run_id, &attempt.step_id, status, outputs_json, error)
+    }
     /// Marks every `running` attempt (and its step) of the run `interrupted`; returns the
     /// step ids concerned. Used by `resume` once the owner is known to be dead.
     fn interrupt_running(&self, run_id: &str) -> Result<Vec<String>>;

@@ -601,49 +601,9 @@ impl StateStore for SqliteStore {
     /// Only a `running` attempt can finish (repeating the same final status is a no-op);
     /// `finished_at` defaults to now.
     fn attempt_finished(&self, attempt: &AttemptRecord) -> Result<()> {
-        let a = attempt;
-        self.write("state.attempt_finished", Some(&a.run_id), |tx| {
-            if a.status == AttemptStatus::Running {
-                return Err(Fail::domain(ErrorKind::Internal, "attempt_finished called with status running"));
-            }
-            let changed = tx
-                .prepare_cached(
-                    "UPDATE attempts SET status = ?5, finished_at = ?6, exit_code = ?7, signal = ?8, error = ?9
-                     WHERE run_id = ?1 AND step_id = ?2 AND kind = ?3 AND number = ?4 AND status = 'running'",
-                )?
-                .execute(params![
-                    a.run_id,
-                    a.step_id,
-                    a.kind,
-                    a.number,
-                    a.status,
-                    a.finished_at.unwrap_or_else(now_millis),
-                    a.exit_code,
-                    a.signal,
-                    a.error,
-                ])?;
-            if changed == 0 {
-                let current: Option<AttemptStatus> = tx
-                    .prepare_cached(
-                        "SELECT status FROM attempts WHERE run_id = ?1 AND step_id = ?2 AND kind = ?3 AND number = ?4",
-                    )?
-                    .query_row(params![a.run_id, a.step_id, a.kind, a.number], |r| r.get(0))
-                    .optional()?;
-                let what = format!("{} attempt {} of step `{}`", a.kind.as_sql(), a.number, a.step_id);
-                return match current {
-                    None => Err(Fail::domain(ErrorKind::NotFound, format!("no {what}"))),
-                    Some(s) if s == a.status => Ok(()),
-                    Some(s) => Err(Fail::domain(
-                        ErrorKind::Conflict,
-                        format!("cannot mark {what} {}: it is already {}", a.status.as_sql(), s.as_sql()),
-                    )),
-                };
-            }
-            Ok(())
-        })
+        self.write("state.attempt_finished", Some(&attempt.run_id), |tx| attempt_finished_tx(tx, attempt))
     }
 
-    /// `status` must be final; `finished_at` is now.
     fn step_finished(
         &self,
         run_id: &str,
@@ -653,20 +613,20 @@ impl StateStore for SqliteStore {
         error: Option<&str>,
     ) -> Result<()> {
         self.write("state.step_finished", Some(run_id), |tx| {
-            if !status.is_final() {
-                return Err(Fail::domain(
-                    ErrorKind::Internal,
-                    format!("step_finished called with non-final status {}", status.as_sql()),
-                ));
-            }
-            tx.prepare_cached(
-                "INSERT INTO steps (run_id, step_id, status, finished_at, outputs_json, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status,
-                     finished_at = excluded.finished_at, outputs_json = excluded.outputs_json, error = excluded.error",
-            )?
-            .execute(params![run_id, step_id, status, now_millis(), outputs_json, error])?;
-            Ok(())
+            step_finished_tx(tx, run_id, step_id, status, outputs_json, error)
+        })
+    }
+
+    fn attempt_and_step_finished(
+        &self,
+        attempt: &AttemptRecord,
+        status: StepStatus,
+        outputs_json: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.write("state.attempt_and_step_finished", Some(&attempt.run_id), |tx| {
+            attempt_finished_tx(tx, attempt)?;
+            step_finished_tx(tx, &attempt.run_id, &attempt.step_id, status, outputs_json, error)
         })
     }
 
@@ -909,4 +869,70 @@ impl StateStore for SqliteStore {
     fn approvals(&self, run_id: &str) -> Result<Vec<ApprovalRecord>> {
         self.read("state.approvals", Some(run_id), |conn| Ok(approvals_of(conn, run_id)?))
     }
+}
+
+/// The body of `attempt_finished`, inside a write transaction.
+fn attempt_finished_tx(tx: &Transaction<'_>, a: &AttemptRecord) -> std::result::Result<(), Fail> {
+    if a.status == AttemptStatus::Running {
+        return Err(Fail::domain(ErrorKind::Internal, "attempt_finished called with status running"));
+    }
+    let changed = tx
+        .prepare_cached(
+            "UPDATE attempts SET status = ?5, finished_at = ?6, exit_code = ?7, signal = ?8, error = ?9
+             WHERE run_id = ?1 AND step_id = ?2 AND kind = ?3 AND number = ?4 AND status = 'running'",
+        )?
+        .execute(params![
+            a.run_id,
+            a.step_id,
+            a.kind,
+            a.number,
+            a.status,
+            a.finished_at.unwrap_or_else(now_millis),
+            a.exit_code,
+            a.signal,
+            a.error,
+        ])?;
+    if changed == 0 {
+        let current: Option<AttemptStatus> = tx
+            .prepare_cached(
+                "SELECT status FROM attempts WHERE run_id = ?1 AND step_id = ?2 AND kind = ?3 AND number = ?4",
+            )?
+            .query_row(params![a.run_id, a.step_id, a.kind, a.number], |r| r.get(0))
+            .optional()?;
+        let what = format!("{} attempt {} of step `{}`", a.kind.as_sql(), a.number, a.step_id);
+        return match current {
+            None => Err(Fail::domain(ErrorKind::NotFound, format!("no {what}"))),
+            Some(s) if s == a.status => Ok(()),
+            Some(s) => Err(Fail::domain(
+                ErrorKind::Conflict,
+                format!("cannot mark {what} {}: it is already {}", a.status.as_sql(), s.as_sql()),
+            )),
+        };
+    }
+    Ok(())
+}
+
+/// The body of `step_finished`, inside a write transaction.
+fn step_finished_tx(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    step_id: &str,
+    status: StepStatus,
+    outputs_json: &str,
+    error: Option<&str>,
+) -> std::result::Result<(), Fail> {
+    if !status.is_final() {
+        return Err(Fail::domain(
+            ErrorKind::Internal,
+            format!("step_finished called with non-final status {}", status.as_sql()),
+        ));
+    }
+    tx.prepare_cached(
+        "INSERT INTO steps (run_id, step_id, status, finished_at, outputs_json, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status,
+             finished_at = excluded.finished_at, outputs_json = excluded.outputs_json, error = excluded.error",
+    )?
+    .execute(params![run_id, step_id, status, now_millis(), outputs_json, error])?;
+    Ok(())
 }
