@@ -372,6 +372,11 @@ pub fn cmd_resume(config: &Path, state: &Path, output: Output, run_id: &str, pol
         eprintln!("re-running interrupted step(s): {}", list(&interrupted));
     }
     let engine = Engine::new(loaded.ssot.clone(), loaded.catalog.clone(), store, state.to_owned());
+    // Containers, Jobs or remote processes the dead process left are removed first.
+    if let Err(e) = runtime().block_on(engine.cleanup_runners(run_id, &plan)) {
+        eprintln!("error: cannot clean up what run {run_id} left behind: {e}");
+        return EXIT_INTERNAL;
+    }
     drive(&engine, run_id, &plan, recovered, output)
 }
 

@@ -138,6 +138,13 @@ pub trait Runner: Send + Sync {
     /// Runs one attempt, streaming its output to `logs`. On timeout or when `cancel`
     /// fires, it must stop everything it started and clean up before returning.
     async fn run(&self, task: &Task, logs: &dyn LogSink, cancel: CancellationToken) -> Result<Outcome>;
+
+    /// Removes what a crashed run may have left on this runner (containers, Jobs,
+    /// remote processes), before `nexus resume` continues it. Nothing by default.
+    async fn cleanup_run(&self, run_id: &str) -> Result<()> {
+        let _ = run_id;
+        Ok(())
+    }
 }
 
 /// The state of a health check.

@@ -267,6 +267,20 @@ impl Engine {
             .collect())
     }
 
+    /// Asks every runner of the plan to remove what a crashed run left behind.
+    pub async fn cleanup_runners(&self, run_id: &str, plan: &Plan) -> Result<()> {
+        for name in plan.runners.keys() {
+            let runner = match self.runner(plan, name) {
+                Ok(r) => r,
+                // A kind without an implementation in this build started nothing.
+                Err(e) if e.kind() == ErrorKind::Unsupported => continue,
+                Err(e) => return Err(e),
+            };
+            runner.cleanup_run(run_id).await.map_err(|e| e.with_context("runner", name))?;
+        }
+        Ok(())
+    }
+
     /// Applies the concurrency group's policy before a run starts. `Some` when the run
     /// must not start (skipped, or cancelled while queued).
     async fn wait_for_group(&self, run_id: &str, plan: &Plan, interrupts: &Interrupts) -> Result<Option<RunOutcome>> {
