@@ -516,6 +516,19 @@ fn rollback_command_undoes_a_finished_run_latest_first() {
 }
 
 #[test]
+fn a_run_past_its_timeout_fails_and_still_runs_finally() {
+    let env = Env::new();
+    let done = env.run("run-timeout");
+    assert_eq!(done.code, Some(1), "{}", done.dump());
+    let id = env.runs()[0]["id"].as_str().unwrap().to_owned();
+    let show = env.show(&id);
+    assert_eq!(show["run"]["status"], "failed");
+    assert!(show["run"]["error"].as_str().unwrap_or_default().contains("exceeded its timeout"), "{:#}", show["run"]);
+    assert_eq!(status_of(&show, "long"), "cancelled");
+    assert_eq!(env.trace(), ["cleanup"]);
+}
+
+#[test]
 fn a_finished_run_has_no_pending_step() {
     let env = Env::new();
     assert_eq!(env.run("rollback").code, Some(1));

@@ -477,6 +477,8 @@ struct RunState {
     running_per_runner: HashMap<String, u32>,
     interrupts: Interrupts,
     cancelled: bool,
+    /// The run passed its own timeout (it then ends `failed`, not `cancelled`).
+    timed_out: bool,
     failure: Option<String>,
     redactor: Redactor,
     finished_counter: u64,
@@ -511,6 +513,7 @@ impl RunState {
             running_per_runner: HashMap::new(),
             interrupts,
             cancelled: false,
+            timed_out: false,
             failure: None,
             redactor,
             finished_counter: 0,
@@ -539,7 +542,7 @@ impl RunState {
                 self.run_dag(&finally).await?;
             }
             self.skip_all(&self.plan.finally.clone(), "the run was killed")?;
-            return Ok(RunStatus::Cancelled);
+            return Ok(if self.timed_out { RunStatus::Failed } else { RunStatus::Cancelled });
         }
         if failed {
             self.rollback_all().await?;
@@ -749,6 +752,7 @@ impl RunState {
             self.deadline = None;
             let limit = self.plan.timeout.map(|t| t.to_string()).unwrap_or_default();
             self.failure = Some(format!("the run exceeded its timeout of {limit}"));
+            self.timed_out = true;
             self.cancel("run timeout");
         }
         let now = Instant::now();
