@@ -5,8 +5,9 @@
 #
 # 1. formatting and lints (cargo fmt --check, clippy -D warnings);
 # 2. every test of the workspace, including the `#[ignore = "needs …"]` ones
-#    (tests that need a real service; scripts/test-env.sh will install and start
-#    those services once a crate needs one — today none does);
+#    (tests that need a real service: scripts/test-env.sh installs and starts those
+#    services — Docker, and each of scripts/test-env.d/ — and what it started is
+#    stopped when this script exits, whatever the outcome);
 # 3. the front door: the committed JSON Schemas are fresh, the example platform
 #    validates, and its default pipeline runs.
 # Exits non-zero on the first failure.
@@ -14,6 +15,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+state_dir=""
+cleanup() {
+  if declare -F test_env_stop >/dev/null; then
+    test_env_stop
+  fi
+  if [ -n "$state_dir" ]; then
+    rm -rf "$state_dir"
+  fi
+}
+trap cleanup EXIT
 
 if [ -x scripts/test-env.sh ]; then
   step "starting test services"
@@ -38,7 +50,6 @@ cargo run --quiet -p nexus-cli -- validate --config config/ssot
 
 step "nexus run (the README's main command, on a fresh state store)"
 state_dir=$(mktemp -d)
-trap 'rm -rf "$state_dir"' EXIT
 cargo run --quiet -p nexus-cli -- run --state "$state_dir"
 
 step "all checks passed"

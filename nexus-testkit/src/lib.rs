@@ -22,11 +22,16 @@
 //! [`assert_debug_hides`]. The pure checks those rules are made of live in
 //! [`nexus_core::spec`].
 //!
-//! Issue 4 adds the runner behaviour suite here too: one `pub async fn` per behaviour of
-//! the `Runner` trait (lines streamed in order, exit status reported faithfully, the
-//! whole process tree stopped on timeout and on cancellation, secrets and outputs
-//! passed, nothing left behind), which every runner kind's tests run against its own
-//! runner, as `object_store`'s backends do with its integration suite.
+//! The [`runner`] module holds the runner behaviour suite: one `pub async fn` per
+//! behaviour of the `Runner` trait (lines streamed in order and live, exit status
+//! reported faithfully, the whole process tree stopped on timeout and on cancellation,
+//! secrets injected and redacted, outputs passed, bounded memory, isolation), which
+//! every runner kind's tests run against its own runner, as `object_store`'s backends
+//! do with its integration suite.
+
+pub mod runner;
+
+pub use runner::{MissingProgram, RunnerTarget, SharedDir};
 
 use std::fmt;
 

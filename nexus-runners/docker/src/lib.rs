@@ -1,18 +1,63 @@
-//! The `docker` runner: runs each step attempt in a container on a Docker host.
+//! The `docker` runner: runs each step attempt in a container on a Docker host, through
+//! the Docker Engine API (`bollard`).
 //!
-//! This crate provides the kind's complete spec, its pure validation and an example.
-//! Execution is not implemented yet: [`DockerRunnerKind::build`] returns an
-//! `Unsupported` error, so a configuration that uses the kind validates but cannot run.
+//! - One container per attempt, labelled `io.nexus.run`, `io.nexus.step` and
+//!   `io.nexus.attempt` (plus the spec's `labels`), removed when the attempt ends
+//!   (unless `remove: false`). [`remove_leftovers`] removes the containers a crashed
+//!   run left behind.
+//! - `Program::Shell` runs as `SHELL -c SCRIPT` (the spec's `entrypoint`, when set,
+//!   replaces `SHELL -c`); `Program::Argv` runs as the image's entrypoint (or the
+//!   spec's) with the argv as its arguments, like `docker run IMAGE ARGV…`.
+//! - stdout and stderr are attached before the container starts and streamed line by
+//!   line to the [`LogSink`] as they are produced; a line longer than
+//!   [`MAX_LINE_BYTES`] is split. The exit code comes from the container's wait.
+//! - On timeout or cancellation the container gets SIGTERM, `kill_grace` to stop,
+//!   then SIGKILL, and is removed. A tiny init (`docker-init`) is PID 1 by default, so
+//!   the command gets normal signal semantics (a shell killed by SIGKILL exits 137).
+//! - Environment, in order of precedence: `NEXUS_*` variables, the task's secrets, the
+//!   task's `env`, the spec's `env`, the image's own.
+//! - `$NEXUS_OUTPUT`: when the Docker host is this machine (a `unix://` socket), a
+//!   per-attempt host directory is bind-mounted at `/.nexus`, and the `key=value`
+//!   lines the step writes to `/.nexus/output` become [`Outcome::outputs`].
+//! - The image is pulled as the spec's `pull` policy says; a missing image, an
+//!   unreachable daemon or a refused pull is an error naming the image or the host.
+//!
+//! [`LogSink`]: nexus_core::traits::LogSink
+//! [`Outcome::outputs`]: nexus_core::traits::Outcome
+
+mod lines;
+mod outputs;
+mod runner;
 
 use std::fmt;
 use std::sync::Arc;
 
-use nexus_core::model::Map;
+use nexus_core::model::{Duration, Map};
 use nexus_core::spec::{check_env_name, is_template};
 use nexus_core::traits::Runner;
-use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
+use nexus_core::{Catalog, ComponentKind, Result, SpecIssue};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use lines::MAX_LINE_BYTES;
+pub use outputs::MAX_OUTPUT_BYTES;
+pub use runner::{DockerRunner, remove_leftovers};
+
+/// The label naming the run on every container the runner creates.
+pub const LABEL_RUN: &str = "io.nexus.run";
+/// The label naming the step (with its matrix suffix) on every container.
+pub const LABEL_STEP: &str = "io.nexus.step";
+/// The label naming the attempt number on every container.
+pub const LABEL_ATTEMPT: &str = "io.nexus.attempt";
+
+/// The Docker host used when neither the spec's `host` nor `DOCKER_HOST` names one.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// Where the per-attempt directory holding the `$NEXUS_OUTPUT` file is mounted.
+pub const OUTPUT_MOUNT: &str = "/.nexus";
+
+/// Variables Nexus sets for every attempt; a spec may not set them.
+pub const RESERVED_VARS: &[&str] = &["NEXUS_OUTPUT", "NEXUS_RUN_ID", "NEXUS_STEP_ID", "NEXUS_ATTEMPT"];
 
 /// The kind's name in the registries.
 pub const DOCKER_KIND: &str = "docker";
@@ -27,8 +72,9 @@ pub struct DockerSpec {
     /// The image steps run in (`registry.example.com/team/app:1.4`, `alpine:3.20`); a
     /// step that names its own `image` uses that one instead.
     pub image: String,
-    /// Replaces the image's entrypoint (`["/bin/sh", "-c"]`); the step's command
-    /// becomes its arguments. Default: the image's own entrypoint.
+    /// Replaces the image's entrypoint (`["/bin/bash", "-lc"]`). A `command` or `script`
+    /// step becomes its one argument (default: the step's shell and `-c`); an `argv`
+    /// step's words become its arguments (default: the image's own entrypoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
     /// Who the step runs as inside the container: `name`, `uid`, `name:group` or
@@ -59,7 +105,7 @@ pub struct DockerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Labels put on every container this runner creates (Nexus adds its own
-    /// `nexus.run`, `nexus.step` labels too).
+    /// `io.nexus.run`, `io.nexus.step` and `io.nexus.attempt` labels too).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub labels: Map<String>,
     /// Environment variables set in every container; a step's own `env` wins on a
@@ -71,13 +117,27 @@ pub struct DockerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     /// Whether the container is removed when the attempt ends (default true); false
-    /// keeps it for inspection.
+    /// keeps it, stopped, for inspection.
     #[serde(default = "default_true")]
     pub remove: bool,
+    /// Whether a tiny init (Docker's `docker-init`) runs as the container's PID 1,
+    /// forwarding signals to the step's command and reaping zombies (default true).
+    /// With false the command itself is PID 1, and the kernel ignores every signal it
+    /// has no handler for, SIGTERM and a SIGKILL sent from inside the container included.
+    #[serde(default = "default_true")]
+    pub init: bool,
+    /// How long a container gets between SIGTERM and SIGKILL when it is stopped
+    /// (timeout or cancellation); default `10s`, Docker's own.
+    #[serde(default = "default_kill_grace")]
+    pub kill_grace: Duration,
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn default_kill_grace() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
 }
 
 /// A host directory or a named volume mounted into the container.
@@ -123,6 +183,8 @@ impl fmt::Debug for DockerSpec {
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("working_dir", &self.working_dir)
             .field("remove", &self.remove)
+            .field("init", &self.init)
+            .field("kill_grace", &self.kill_grace)
             .finish()
     }
 }
@@ -134,7 +196,7 @@ impl ComponentKind for DockerRunnerKind {
     type Trait = dyn Runner;
     type Spec = DockerSpec;
     const KIND: &'static str = DOCKER_KIND;
-    const DESCRIPTION: &'static str = "runs steps in containers on a Docker host (execution not implemented yet)";
+    const DESCRIPTION: &'static str = "runs steps in containers on a Docker host, one labelled container per attempt";
 
     fn example() -> DockerSpec {
         DockerSpec {
@@ -163,6 +225,8 @@ impl ComponentKind for DockerRunnerKind {
             env: Map::from_iter([("CARGO_TERM_COLOR".to_owned(), "never".to_owned())]),
             working_dir: Some("/workspace".to_owned()),
             remove: true,
+            init: true,
+            kill_grace: Duration(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -253,7 +317,22 @@ impl ComponentKind for DockerRunnerKind {
             }
         }
         for name in spec.env.keys() {
-            check_env_name(&mut issues, &["env", name], name);
+            if check_env_name(&mut issues, &["env", name], name) && RESERVED_VARS.contains(&name.as_str()) {
+                issues.push(SpecIssue::new(
+                    &["env", name],
+                    format!("`{name}` is set by Nexus for every attempt; choose another name"),
+                ));
+            }
+        }
+        for (index, mount) in spec.mounts.iter().enumerate() {
+            if mount.target.trim_end_matches('/') == OUTPUT_MOUNT {
+                issues.push(SpecIssue::new(
+                    &["mounts", &index.to_string(), "target"],
+                    format!(
+                        "`{OUTPUT_MOUNT}` is where Nexus mounts the attempt's outputs directory; choose another target"
+                    ),
+                ));
+            }
         }
         if let Some(dir) = spec.working_dir.as_deref().filter(|d| !is_template(d))
             && !dir.starts_with('/')
@@ -266,12 +345,10 @@ impl ComponentKind for DockerRunnerKind {
         issues
     }
 
-    fn build(_spec: DockerSpec) -> Result<Arc<dyn Runner>> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "the docker runner's execution is not implemented yet; its spec is validated",
-        )
-        .with_operation("runner.build"))
+    /// Builds the runner without touching the network: it connects to the Docker host
+    /// on its first attempt.
+    fn build(spec: DockerSpec) -> Result<Arc<dyn Runner>> {
+        Ok(Arc::new(DockerRunner::new(spec)?))
     }
 }
 
@@ -348,7 +425,7 @@ fn mount_source_problem(source: &str) -> Option<String> {
 }
 
 /// A Docker memory size (`512m`, `1g`, `1.5g`, `1024k`, `536870912`, `512MiB`) in bytes.
-fn parse_memory(text: &str) -> Option<u64> {
+pub(crate) fn parse_memory(text: &str) -> Option<u64> {
     let text = text.trim();
     let digits_end = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
@@ -396,7 +473,6 @@ mod tests {
         nexus_testkit::example_is_valid::<DockerRunnerKind>();
         nexus_testkit::schema_fields_are_documented::<DockerRunnerKind>();
         nexus_testkit::unknown_field_is_refused::<DockerRunnerKind>("volumes");
-        nexus_testkit::build_is_unsupported::<DockerRunnerKind>();
         nexus_testkit::registers_once::<DockerRunnerKind>(register_docker_runner);
     }
 
