@@ -1,9 +1,45 @@
 //! The `ssh` runner: runs each step attempt on one remote host, or on a fleet of them,
 //! over SSH.
 //!
-//! This crate provides the kind's complete spec, its pure validation and an example.
-//! Execution is not implemented yet: [`SshRunnerKind::build`] returns an `Unsupported`
-//! error, so a configuration that uses the kind validates but cannot run.
+//! - It drives the system's OpenSSH client (the [`openssh`] crate, native multiplexing):
+//!   one ControlMaster connection per host, opened on first use and shared by the
+//!   attempts that follow (it closes after a minute without use, or when the runner is
+//!   dropped). The operator's `~/.ssh/config`, agent, keys and `ProxyJump` apply;
+//!   `BatchMode` is on (no prompt can block a run). Known-hosts checking is strict by
+//!   default.
+//! - An attempt runs `exec sh -s` on the host and sends it a small POSIX script on its
+//!   standard input (never on a command line): it exports the task's environment and
+//!   secrets, enters the working directory, and starts the program in a process group
+//!   of its own (`setsid`). `Program::Shell` runs as `SHELL -c SCRIPT` (default shell
+//!   `sh`), `Program::Argv` runs the program directly, its arguments quoted.
+//! - stdout and stderr are streamed to the [`LogSink`] line by line as they arrive; a
+//!   line longer than [`MAX_LINE_BYTES`] is split.
+//! - The exit code is the remote program's. A remote program killed by signal N is seen
+//!   by its remote parent shell, so it is reported as exit code 128 + N (137 for
+//!   SIGKILL): OpenSSH does not pass a remote signal on to its client.
+//! - Timeout and cancellation stop the REMOTE processes: over a second channel, SIGTERM
+//!   to the attempt's process group, `kill_grace` for it to exit, then SIGKILL. So do
+//!   processes the step leaves running when it exits, and an attempt whose future is
+//!   dropped. A lost connection is reported as `Unavailable` after the same stop is
+//!   tried over a new connection. If Nexus itself dies, the remote wrapper's stdin
+//!   (kept open while the runner waits) closes, and a watcher there stops the step;
+//!   `cleanup_run` (before `nexus resume`) stops whatever a crashed run still has
+//!   running on the hosts it can reach.
+//! - `$NEXUS_OUTPUT` names a file in a private (0700) remote directory made for the
+//!   attempt; after the program exits, it is read back (`key=value` lines or
+//!   `key<<DELIM` blocks, at most [`MAX_OUTPUT_BYTES`]) and the directory is deleted.
+//! - `hosts: [...]`: the attempt runs on every host, `parallelism` at a time;
+//!   `on_partial_failure: stop` starts it on no further host once one failed. The result
+//!   is one combined outcome (see the `group` module) until the engine records one
+//!   attempt per host.
+//!
+//! [`LogSink`]: nexus_core::traits::LogSink
+
+mod group;
+mod lines;
+mod outputs;
+mod runner;
+mod script;
 
 use std::sync::Arc;
 
@@ -11,6 +47,10 @@ use nexus_core::model::Duration;
 use nexus_core::spec::{check_not_blank, check_positive_duration, is_template};
 use nexus_core::traits::Runner;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
+
+pub use lines::MAX_LINE_BYTES;
+pub use outputs::MAX_OUTPUT_BYTES;
+pub use runner::SshRunner;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +73,8 @@ pub struct SshSpec {
     /// local user's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// The SSH port (default 22).
+    /// The SSH port (default 22). With 22, a `Port` set for the host in the SSH
+    /// configuration (`~/.ssh/config`) applies.
     #[serde(default = "default_port")]
     #[schemars(range(min = 1))]
     pub port: u16,
@@ -45,7 +86,9 @@ pub struct SshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jump_host: Option<String>,
     /// Whether a host whose key is not in the known hosts is refused (default true).
-    /// Turn it off only for throw-away hosts: it allows man-in-the-middle attacks.
+    /// When false, an unknown host's key is accepted and added to the known hosts file
+    /// (OpenSSH's `accept-new`); a changed key is still refused. Turn it off only for
+    /// throw-away hosts: the first connection can be intercepted.
     #[serde(default = "default_true")]
     pub strict_host_key_checking: bool,
     /// The known hosts file to check host keys against. Default: `~/.ssh/known_hosts`.
@@ -65,6 +108,15 @@ pub struct SshSpec {
     /// client's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
+    /// How long a step's remote processes get between SIGTERM and SIGKILL when they are
+    /// stopped (timeout, cancellation, or processes left behind when the step exits);
+    /// default `5s`.
+    #[serde(default = "default_kill_grace")]
+    pub kill_grace: Duration,
+}
+
+fn default_kill_grace() -> Duration {
+    Duration(std::time::Duration::from_secs(5))
 }
 
 fn default_port() -> u16 {
@@ -97,7 +149,8 @@ impl ComponentKind for SshRunnerKind {
     type Trait = dyn Runner;
     type Spec = SshSpec;
     const KIND: &'static str = SSH_KIND;
-    const DESCRIPTION: &'static str = "runs steps on remote hosts over SSH (execution not implemented yet)";
+    const DESCRIPTION: &'static str =
+        "runs steps on a remote host or a fleet of hosts over SSH (OpenSSH), stopping the remote processes on timeout";
 
     fn example() -> SshSpec {
         SshSpec {
@@ -112,6 +165,7 @@ impl ComponentKind for SshRunnerKind {
             parallelism: 1,
             on_partial_failure: PartialFailure::Stop,
             connect_timeout: Some(Duration(std::time::Duration::from_secs(10))),
+            kill_grace: Duration(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -174,12 +228,17 @@ impl ComponentKind for SshRunnerKind {
         issues
     }
 
-    fn build(_spec: SshSpec) -> Result<Arc<dyn Runner>> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "the ssh runner's execution is not implemented yet; its spec is validated",
-        )
-        .with_operation("runner.build"))
+    fn build(spec: SshSpec) -> Result<Arc<dyn Runner>> {
+        let issues = Self::validate(&spec);
+        if let Some(issue) = issues.first() {
+            let at = if issue.path.is_empty() { String::new() } else { format!(" at `{}`", issue.path.join(".")) };
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!("invalid `ssh` runner spec{at}: {}", issue.message),
+            )
+            .with_operation("runner.build"));
+        }
+        Ok(Arc::new(SshRunner::new(spec)))
     }
 }
 
@@ -227,7 +286,6 @@ mod tests {
         nexus_testkit::example_is_valid::<SshRunnerKind>();
         nexus_testkit::schema_fields_are_documented::<SshRunnerKind>();
         nexus_testkit::unknown_field_is_refused::<SshRunnerKind>("identity");
-        nexus_testkit::build_is_unsupported::<SshRunnerKind>();
         nexus_testkit::registers_once::<SshRunnerKind>(register_ssh_runner);
     }
 
@@ -235,6 +293,7 @@ mod tests {
     fn defaults_fill_a_minimal_spec() {
         let minimal: SshSpec = serde_json::from_value(serde_json::json!({"host": "db-1"})).unwrap();
         assert_eq!((minimal.port, minimal.parallelism), (22, 1));
+        assert_eq!(minimal.kill_grace.get(), std::time::Duration::from_secs(5));
         assert!(minimal.strict_host_key_checking);
         assert_eq!(minimal.on_partial_failure, PartialFailure::Stop);
         assert!(SshRunnerKind::validate(&minimal).is_empty());
