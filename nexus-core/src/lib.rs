@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod error;
 pub mod model;
+pub mod outputs;
 pub mod plan;
 pub mod suggest;
 pub mod traits;

@@ -26,7 +26,6 @@
 //! [`Outcome::outputs`]: nexus_core::traits::Outcome
 
 mod lines;
-mod outputs;
 mod runner;
 
 use std::fmt;
@@ -40,7 +39,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use lines::MAX_LINE_BYTES;
-pub use outputs::MAX_OUTPUT_BYTES;
+pub use nexus_core::outputs::MAX_OUTPUT_BYTES;
 pub use runner::{DockerRunner, remove_leftovers};
 
 /// The label naming the run on every container the runner creates.

@@ -24,11 +24,11 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::lines::LineBuffer;
-use crate::outputs::read_outputs;
 use crate::{
     DEFAULT_DOCKER_HOST, DOCKER_KIND, DockerSpec, LABEL_ATTEMPT, LABEL_RUN, LABEL_STEP, OUTPUT_MOUNT, PullPolicy,
     parse_memory,
 };
+use nexus_core::outputs::read_outputs_file as read_outputs;
 
 /// How long one Engine API request may take to answer (its headers; streams such as a
 /// container's output or its wait may last longer).

@@ -21,7 +21,6 @@
 
 mod group;
 mod lines;
-mod outputs;
 mod runner;
 
 use std::fmt;
@@ -35,7 +34,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use lines::MAX_LINE_BYTES;
-pub use outputs::MAX_OUTPUT_BYTES;
+pub use nexus_core::outputs::MAX_OUTPUT_BYTES;
 pub use runner::LocalRunner;
 
 /// The kind's name in the registries.

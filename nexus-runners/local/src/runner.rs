@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::group::ProcessGroup;
 use crate::lines::pump;
-use crate::outputs::read_outputs;
 use crate::{LOCAL_KIND, LocalSpec};
+use nexus_core::outputs::read_outputs_file as read_outputs;
 
 /// How often a stopping process group is checked for live members.
 const POLL: std::time::Duration = std::time::Duration::from_millis(20);

@@ -37,7 +37,6 @@
 
 mod group;
 mod lines;
-mod outputs;
 mod runner;
 mod script;
 
@@ -49,7 +48,7 @@ use nexus_core::traits::Runner;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 
 pub use lines::MAX_LINE_BYTES;
-pub use outputs::MAX_OUTPUT_BYTES;
+pub use nexus_core::outputs::MAX_OUTPUT_BYTES;
 pub use runner::SshRunner;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -32,7 +32,7 @@
 
 use std::fmt::Write as _;
 
-use crate::outputs::MAX_OUTPUT_BYTES;
+use nexus_core::outputs::MAX_OUTPUT_BYTES;
 
 /// How often the stop and finish scripts check whether the process group is gone.
 const TICK_MS: u128 = 50;

@@ -1,29 +1,37 @@
-//! The outputs file (`$NEXUS_OUTPUT`): `key=value` lines, or `key<<DELIM` … `DELIM`
-//! blocks for multi-line values (the format of GitHub Actions' `$GITHUB_OUTPUT`).
+//! The outputs file of an attempt (`$NEXUS_OUTPUT`): `key=value` lines, or
+//! `key<<DELIM` … `DELIM` blocks for multi-line values (the format of GitHub Actions'
+//! `$GITHUB_OUTPUT`). Every runner reads it the same way through these functions.
 
 use std::io::Read;
 use std::path::Path;
 
-use nexus_core::model::Map;
+use crate::model::Map;
 
 /// The most of the outputs file that is read, in bytes; the rest is ignored (with a
 /// note in the attempt's log).
 pub const MAX_OUTPUT_BYTES: u64 = 1024 * 1024;
 
-/// Reads the outputs file. Returns the outputs (a later line wins over an earlier one
-/// with the same key) and notes about lines that could not be understood.
-pub(crate) fn read_outputs(path: &Path) -> (Map<String>, Vec<String>) {
+/// Reads an outputs file on this machine. Returns the outputs (a later line wins over an
+/// earlier one with the same key) and notes about lines that could not be understood.
+/// A missing file means no outputs.
+pub fn read_outputs_file(path: &Path) -> (Map<String>, Vec<String>) {
     let mut bytes = Vec::new();
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
-        // The attempt may have deleted the file: it then has no outputs.
+        // The attempt may have deleted the file (or never written it): no outputs.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Map::new(), Vec::new()),
         Err(e) => return (Map::new(), vec![format!("cannot read $NEXUS_OUTPUT: {e}")]),
     };
-    let mut notes = Vec::new();
     if let Err(e) = file.take(MAX_OUTPUT_BYTES + 1).read_to_end(&mut bytes) {
         return (Map::new(), vec![format!("cannot read $NEXUS_OUTPUT: {e}")]);
     }
+    read_outputs_bytes(bytes)
+}
+
+/// Reads the content of an outputs file fetched by other means (at most
+/// [`MAX_OUTPUT_BYTES`] + 1 bytes: more than the limit is cut at a whole line).
+pub fn read_outputs_bytes(mut bytes: Vec<u8>) -> (Map<String>, Vec<String>) {
+    let mut notes = Vec::new();
     if bytes.len() as u64 > MAX_OUTPUT_BYTES {
         bytes.truncate(MAX_OUTPUT_BYTES as usize);
         // Keep whole lines only.
@@ -37,7 +45,7 @@ pub(crate) fn read_outputs(path: &Path) -> (Map<String>, Vec<String>) {
 }
 
 /// Parses the outputs format.
-pub(crate) fn parse_outputs(text: &str) -> (Map<String>, Vec<String>) {
+pub fn parse_outputs(text: &str) -> (Map<String>, Vec<String>) {
     let mut outputs = Map::new();
     let mut notes = Vec::new();
     let mut lines = text.lines().enumerate();
@@ -97,5 +105,16 @@ mod tests {
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(notes[0].starts_with("$NEXUS_OUTPUT line 9:"), "{notes:?}");
         assert!(notes[1].contains("never closed"), "{notes:?}");
+    }
+
+    #[test]
+    fn too_large_a_file_keeps_whole_lines_within_the_limit() {
+        let line = "k=".to_owned() + &"v".repeat(1000) + "\n";
+        let mut bytes = line.repeat(2000).into_bytes();
+        bytes.truncate(MAX_OUTPUT_BYTES as usize + 1);
+        let (outputs, notes) = read_outputs_bytes(bytes);
+        assert_eq!(outputs["k"].len(), 1000);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("larger than"), "{notes:?}");
     }
 }
