@@ -15,6 +15,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use model::Ssot;
 pub mod diag;
 pub mod engine;
+pub mod lines;
 pub mod load;
 pub mod schema;
 pub mod secrets;

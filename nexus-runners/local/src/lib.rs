@@ -20,7 +20,6 @@
 //! [`Outcome::outputs`]: nexus_core::traits::Outcome
 
 mod group;
-mod lines;
 mod runner;
 
 use std::fmt;
@@ -33,7 +32,7 @@ use nexus_core::{Catalog, ComponentKind, Result, SpecIssue};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use lines::MAX_LINE_BYTES;
+pub use nexus_core::lines::MAX_LINE_BYTES;
 pub use nexus_core::outputs::MAX_OUTPUT_BYTES;
 pub use runner::LocalRunner;
 

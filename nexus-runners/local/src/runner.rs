@@ -17,8 +17,8 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::group::ProcessGroup;
-use crate::lines::pump;
 use crate::{LOCAL_KIND, LocalSpec};
+use nexus_core::lines::pump;
 use nexus_core::outputs::read_outputs_file as read_outputs;
 
 /// How often a stopping process group is checked for live members.

@@ -36,7 +36,6 @@
 //! [`LogSink`]: nexus_core::traits::LogSink
 
 mod group;
-mod lines;
 mod runner;
 mod script;
 
@@ -47,7 +46,7 @@ use nexus_core::spec::{check_not_blank, check_positive_duration, is_template};
 use nexus_core::traits::Runner;
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 
-pub use lines::MAX_LINE_BYTES;
+pub use nexus_core::lines::MAX_LINE_BYTES;
 pub use nexus_core::outputs::MAX_OUTPUT_BYTES;
 pub use runner::SshRunner;
 use schemars::JsonSchema;

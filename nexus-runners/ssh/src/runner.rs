@@ -15,9 +15,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::lines::pump;
 use crate::script::{self, Stopped, WrapperError};
 use crate::{SSH_KIND, SshSpec};
+use nexus_core::lines::pump;
 use nexus_core::outputs::read_outputs_bytes as read_outputs;
 
 /// The remote command of every channel: a POSIX shell reading its script from stdin.

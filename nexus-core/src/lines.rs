@@ -1,6 +1,7 @@
-//! Streams a pipe to a [`LogSink`] line by line, in bounded memory.
+//! Streams a pipe to a [`LogSink`] line by line, in bounded memory: the splitting every
+//! runner that reads a byte stream (a local pipe, an SSH channel) shares.
 
-use nexus_core::traits::{LogSink, Stream};
+use crate::traits::{LogSink, Stream};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 /// The longest line passed to the log sink, in bytes; longer lines are split (at a
@@ -9,7 +10,7 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Reads `reader` to its end, sending each line to `logs` as soon as it is complete.
 /// Memory use stays within a few times [`MAX_LINE_BYTES`], whatever the output.
-pub(crate) async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: Stream, logs: &dyn LogSink) {
+pub async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: Stream, logs: &dyn LogSink) {
     let Some(reader) = reader else { return };
     let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
     let mut line: Vec<u8> = Vec::new();
