@@ -64,6 +64,7 @@ pub struct Error {
     retryable: bool,
     operation: &'static str,
     context: Vec<(&'static str, String)>,
+    retry_after: Option<std::time::Duration>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -79,6 +80,7 @@ impl Error {
             retryable: kind.default_retryable(),
             operation: "",
             context: Vec::new(),
+            retry_after: None,
             source: None,
         }
     }
@@ -105,6 +107,19 @@ impl Error {
     pub fn set_retryable(mut self, retryable: bool) -> Self {
         self.retryable = retryable;
         self
+    }
+
+    /// Says how long the other side asked to wait before trying again (an HTTP
+    /// `Retry-After`); implies the error is retryable.
+    pub fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait);
+        self.retryable = true;
+        self
+    }
+
+    /// How long the other side asked to wait before a retry, if it said.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// What went wrong.

@@ -278,6 +278,16 @@ pub struct Notification {
     pub resolve: bool,
     /// The event that caused it.
     pub event: Option<Event>,
+    /// Ordered facts shown as fields (`Pipeline`, `Environment`, `Failed step`,
+    /// `Duration`, `Run`); already redacted.
+    pub facts: Vec<(String, String)>,
+    /// The last lines of the failed step's log, oldest first; already redacted.
+    pub log_tail: Vec<String>,
+    /// Where to act: a URL, or a command such as `nexus show RUN`.
+    pub link: Option<String>,
+    /// Whether `body` was rendered from the operator's template: a channel then shows
+    /// it as the message instead of its own default layout.
+    pub templated: bool,
 }
 
 impl Notification {
@@ -295,6 +305,10 @@ impl Notification {
             dedup_key: dedup_key.into(),
             resolve: false,
             event: None,
+            facts: Vec::new(),
+            log_tail: Vec::new(),
+            link: None,
+            templated: false,
         }
     }
 }
