@@ -17,6 +17,7 @@ pub mod diag;
 pub mod engine;
 pub mod lines;
 pub mod load;
+pub mod notify;
 pub mod schema;
 pub mod secrets;
 pub mod spec;

@@ -32,8 +32,8 @@ use crate::model::{Map, RetryPolicy, Severity, Ssot};
 use crate::plan::{Plan, PlannedAction, PlannedCommand, PlannedStep, render_command, template_env};
 use crate::secrets::{self, Redactor};
 use crate::state::{
-    AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, NewEvent, Owner, RunRecord, RunStatus, StateStore,
-    StepStatus, now_millis,
+    AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, NewEvent, Owner, RunFilter, RunRecord, RunStatus,
+    StateStore, StepStatus, now_millis,
 };
 use crate::traits::{Event, Runner, SecretValue, Task};
 
@@ -162,6 +162,21 @@ impl Engine {
         &self.bus
     }
 
+    /// The validated model the engine runs.
+    pub fn ssot(&self) -> &Arc<Ssot> {
+        &self.ssot
+    }
+
+    /// The kinds the engine builds components from.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The state directory (logs live under it).
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
     /// The last log line of each running step, for progress displays.
     pub fn live(&self) -> &LiveStatus {
         &self.live
@@ -239,8 +254,35 @@ impl Engine {
             message.push_str(&format!(": {e}"));
         }
         self.emit(run_id, plan, kind, None, severity, message);
+        if status == RunStatus::Succeeded
+            && let Some(previous) = self.previous_failure(run_id, plan)
+        {
+            self.emit(
+                run_id,
+                plan,
+                "run.recovered",
+                None,
+                Severity::Info,
+                format!(
+                    "{} recovered in {}: run {run_id} succeeded after run {previous} failed",
+                    plan.pipeline, plan.environment
+                ),
+            );
+        }
         self.flush_events();
         Ok(RunOutcome { run_id: run_id.to_owned(), status, error })
+    }
+
+    /// The previous finished run of the same pipeline and environment, if it failed
+    /// (cancelled and skipped runs say nothing about health and are passed over).
+    fn previous_failure(&self, run_id: &str, plan: &Plan) -> Option<String> {
+        let filter = RunFilter { pipeline: Some(plan.pipeline.clone()), status: None, limit: Some(50) };
+        let runs = self.store.runs(&filter).ok()?;
+        // Newest first: the runs after this one in the list were created before it.
+        let previous = runs.iter().skip_while(|r| r.id != run_id).skip(1).find(|r| {
+            r.environment == plan.environment && matches!(r.status, RunStatus::Succeeded | RunStatus::Failed)
+        })?;
+        (previous.status == RunStatus::Failed).then(|| previous.id.clone())
     }
 
     /// Runs the rollback actions of a finished run's succeeded steps, latest first
@@ -1048,10 +1090,25 @@ impl RunState {
                     "service `{service}` (kind `{kind}`): calling `{action}` needs the `{kind}` adapter, which is not implemented in this build yet"
                 ),
             )),
-            PlannedAction::Notify { channels, .. } => Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("notify {}: notifiers are not implemented in this build yet", channels.join(", ")),
-            )),
+            PlannedAction::Notify { channels, message, severity } => {
+                let message = if message.contains("{{") || message.contains("{%") {
+                    self.render_text(step, message)
+                } else {
+                    message.clone()
+                };
+                let mut event = Event::new("step.notify", *severity, self.redactor.redact(&message));
+                event.run_id = Some(self.run_id.clone());
+                event.pipeline = Some(self.plan.pipeline.clone());
+                event.environment = Some(self.plan.environment.clone());
+                event.step = Some(step.id.clone());
+                Ok(Prepared::Notify {
+                    engine: self.engine.clone(),
+                    event: Box::new(event),
+                    channels: channels.clone(),
+                    log_path,
+                    redactor: self.redactor.clone(),
+                })
+            }
             PlannedAction::Approval { .. } => Err(Error::new(ErrorKind::Internal, "approval steps are not attempts")),
         }
     }
@@ -1221,7 +1278,20 @@ fn sanitize(id: &str) -> String {
 
 /// An attempt ready to run.
 enum Prepared {
-    Command { runner: Arc<dyn Runner>, task: Task, log_path: PathBuf, redactor: Redactor },
+    Command {
+        runner: Arc<dyn Runner>,
+        task: Task,
+        log_path: PathBuf,
+        redactor: Redactor,
+    },
+    /// A `notify` step: its message to each channel, with the notifiers' retries.
+    Notify {
+        engine: Engine,
+        event: Box<Event>,
+        channels: Vec<String>,
+        log_path: PathBuf,
+        redactor: Redactor,
+    },
 }
 
 struct Finished {
@@ -1253,6 +1323,49 @@ impl Prepared {
                     signal: outcome.signal,
                     outputs: outcome.outputs,
                     error,
+                })
+            }
+            Prepared::Notify { engine, event, channels, log_path, redactor } => {
+                let step = event.step.clone().unwrap_or_default();
+                let sink = logs::FileSink::create(&log_path, redactor, live, step)?;
+                let send = crate::notify::send_step_message(
+                    &engine.ssot,
+                    &engine.catalog,
+                    engine.store.as_ref(),
+                    crate::notify::DeliveryPolicy::default(),
+                    &event,
+                    &channels,
+                );
+                let deliveries = tokio::select! {
+                    d = send => d,
+                    _ = cancel.cancelled() => {
+                        return Err(Error::new(ErrorKind::Cancelled, "cancelled while notifying"));
+                    }
+                };
+                let mut failed = Vec::new();
+                for d in &deliveries {
+                    let line = match &d.result {
+                        Ok(r) => {
+                            let id = r.message_id.as_deref().or(r.dedup_key.as_deref()).unwrap_or("accepted");
+                            format!("sent to {} ({id})", d.channel)
+                        }
+                        Err(e) => {
+                            failed.push(d.channel.clone());
+                            format!("not sent to {} after {} attempt(s): {e}", d.channel, d.attempts)
+                        }
+                    };
+                    crate::traits::LogSink::line(&sink, crate::traits::Stream::Stdout, &line);
+                }
+                sink.finish();
+                // The step fails only when nobody got the message: one flaky channel
+                // among several must not fail the pipeline.
+                let all_failed = !deliveries.is_empty() && failed.len() == deliveries.len();
+                Ok(Finished {
+                    status: if all_failed { AttemptStatus::Failed } else { AttemptStatus::Succeeded },
+                    exit_code: None,
+                    signal: None,
+                    outputs: Map::new(),
+                    error: all_failed.then(|| format!("the message reached no channel ({})", failed.join(", "))),
                 })
             }
         }

@@ -96,10 +96,12 @@ pub struct Channel {
     /// `{{ secrets.* }}`.
     #[serde(default = "empty_object")]
     pub spec: serde_json::Value,
-    /// Message template overriding the channel's default (minijinja, `{{ event.* }}`).
+    /// Message text replacing the channel's default layout (minijinja over `event.*`,
+    /// `run.*`, `pipeline.*`, `env.*`; never `secrets.*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
-    /// Most messages per hour sent to the channel; the rest are grouped.
+    /// Most messages per hour sent to the channel; the rest are recorded as suppressed
+    /// (recoveries always go).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub rate_limit_per_hour: Option<u32>,
@@ -116,7 +118,8 @@ pub struct Route {
     pub matches: RouteMatch,
     /// Channels the matching events are sent to.
     pub channels: Vec<String>,
-    /// Identical notifications within this window are sent once.
+    /// The same news (route, channel, event type, pipeline, environment) within this
+    /// window is sent once; a recovery in between starts afresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_window: Option<Duration>,
     /// Whether later routes are still evaluated after this one matched (by default the
@@ -129,7 +132,8 @@ pub struct Route {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
-    /// Event types (`run.failed`, `run.recovered`, `health.changed`, `approval.requested`…).
+    /// Event types (`run.failed`, `run.recovered`, `health.changed`, `approval.requested`…);
+    /// `run.failed` and `run.recovered` when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
     /// Pipelines (all when empty).

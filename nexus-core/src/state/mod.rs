@@ -262,6 +262,56 @@ pub struct ApprovalRecord {
     pub comment: Option<String>,
 }
 
+/// Where a notification delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryStatus {
+    /// Recorded before the first attempt; still being sent (or the process died).
+    Sending,
+    /// The channel accepted it.
+    Sent,
+    /// Every attempt failed, or the error was not worth retrying.
+    Failed,
+    /// Not sent on purpose: a duplicate within the route's window, grouped into an
+    /// earlier message of the same run, or over the channel's rate limit.
+    Suppressed,
+}
+
+/// One notification for one channel, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    /// Identifier, given by the store.
+    pub id: i64,
+    /// The run the event belongs to, if any.
+    pub run_id: Option<String>,
+    /// The route that matched.
+    pub route: String,
+    /// The channel.
+    pub channel: String,
+    /// The event type (`run.failed`).
+    pub event_kind: String,
+    /// The pipeline, if any.
+    pub pipeline: Option<String>,
+    /// The environment, if any.
+    pub environment: Option<String>,
+    /// What makes two notifications duplicates of each other.
+    pub fingerprint: String,
+    /// The key the receiver groups and resolves by (PagerDuty `dedup_key`).
+    pub dedup_key: String,
+    /// Status.
+    pub status: DeliveryStatus,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why it failed or was suppressed (redacted).
+    pub error: Option<String>,
+    /// What the receiver answered (message id), if anything.
+    pub receipt: Option<String>,
+    /// When it was recorded.
+    pub created_at: Millis,
+    /// When it reached its final status.
+    pub finished_at: Option<Millis>,
+}
+
 /// Who holds a lock lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseHolder {
@@ -367,4 +417,20 @@ pub trait StateStore: Send + Sync {
     fn events(&self, run_id: &str) -> Result<Vec<EventRecord>>;
     /// The approvals of a run.
     fn approvals(&self, run_id: &str) -> Result<Vec<ApprovalRecord>>;
+    /// Records a notification delivery (its `id` is ignored) and returns its id.
+    fn record_delivery(&self, delivery: &DeliveryRecord) -> Result<i64>;
+    /// Records how a delivery ended.
+    fn delivery_finished(
+        &self,
+        id: i64,
+        status: DeliveryStatus,
+        attempts: u32,
+        error: Option<&str>,
+        receipt: Option<&str>,
+    ) -> Result<()>;
+    /// The deliveries of a run, in order.
+    fn deliveries(&self, run_id: &str) -> Result<Vec<DeliveryRecord>>;
+    /// The deliveries to a channel recorded at or after `since`, oldest first (for
+    /// deduplication, grouping and rate limits across processes).
+    fn recent_deliveries(&self, channel: &str, since: Millis) -> Result<Vec<DeliveryRecord>>;
 }

@@ -73,6 +73,11 @@ pub(crate) fn check(ssot: &Ssot, options: &Options, ctx: &mut Ctx<'_>) {
     }
 }
 
+/// Whether the pointer segments are a channel's message `template`.
+fn is_message_template(segs: &[String]) -> bool {
+    matches!(segs, [channels, _, template] if channels == "channels" && template == "template")
+}
+
 /// Points at the variable itself: its first occurrence from the start of the string,
 /// which may be on a later line of a block scalar (`script: |`).
 fn narrow(sources: &Sources, location: Location, var: &str) -> Location {
@@ -173,6 +178,16 @@ impl<'a> Scope<'a> {
             );
         }
         let segs = segments(ptr);
+        if kind == RegistryKind::Monitoring && root == "secrets" && is_message_template(&segs) {
+            return Some(
+                Diagnostic::error(
+                    "nexus::secret_in_message",
+                    format!("a message template reads `{var}`: messages must never carry secrets"),
+                )
+                .expected("a template over `event`, `run`, `pipeline` and `env`")
+                .help_or("put credentials in the channel's `spec`, where they are used and never shown"),
+            );
+        }
         match (root, parts.get(1)) {
             ("secrets", Some(name)) if !self.secrets.contains(name) => Some(
                 Diagnostic::error("nexus::unknown_secret", format!("template reads undeclared secret `{name}`"))

@@ -20,7 +20,7 @@ use crate::error::ErrorKind;
 pub(super) const APPLICATION_ID: i32 = 0x4e58_5331;
 
 /// The ordered migrations: entry `i` brings the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build of Nexus writes (the number of migrations).
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -186,3 +186,27 @@ pub(super) fn migrate_to(conn: &mut Connection, path: &Path, target: u32) -> Res
     tx.commit()?;
     Ok(())
 }
+
+/// Version 2: notification deliveries (one row per event, route and channel). `run_id`
+/// is not a foreign key: health events have no run.
+const V2: &str = r#"
+CREATE TABLE deliveries (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id       TEXT,
+    route        TEXT    NOT NULL,
+    channel      TEXT    NOT NULL,
+    event_kind   TEXT    NOT NULL,
+    pipeline     TEXT,
+    environment  TEXT,
+    fingerprint  TEXT    NOT NULL,
+    dedup_key    TEXT    NOT NULL,
+    status       TEXT    NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    error        TEXT,
+    receipt      TEXT,
+    created_at   INTEGER NOT NULL,
+    finished_at  INTEGER
+);
+CREATE INDEX deliveries_by_run ON deliveries (run_id, id);
+CREATE INDEX deliveries_by_channel ON deliveries (channel, created_at);
+"#;

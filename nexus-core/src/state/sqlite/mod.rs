@@ -32,8 +32,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, ToSql, Transaction
 
 pub use self::migrations::SCHEMA_VERSION;
 use super::{
-    ApprovalRecord, AttemptKind, AttemptRecord, AttemptStatus, EventRecord, LeaseHolder, NewEvent, Owner, RunFilter,
-    RunRecord, RunStatus, Signals, StateStore, StepRecord, StepStatus, now_millis,
+    ApprovalRecord, AttemptKind, AttemptRecord, AttemptStatus, DeliveryRecord, DeliveryStatus, EventRecord,
+    LeaseHolder, NewEvent, Owner, RunFilter, RunRecord, RunStatus, Signals, StateStore, StepRecord, StepStatus,
+    now_millis,
 };
 use crate::error::{Error, ErrorKind, Result};
 
@@ -194,6 +195,13 @@ text_enum!(AttemptStatus {
     Interrupted => "interrupted",
 });
 
+text_enum!(DeliveryStatus {
+    Sending => "sending",
+    Sent => "sent",
+    Failed => "failed",
+    Suppressed => "suppressed",
+});
+
 text_enum!(AttemptKind {
     Main => "main",
     Rollback => "rollback",
@@ -283,6 +291,29 @@ fn approval_row(r: &Row<'_>) -> rusqlite::Result<ApprovalRecord> {
         by: r.get(3)?,
         at: r.get(4)?,
         comment: r.get(5)?,
+    })
+}
+
+const DELIVERY_COLS: &str = "id, run_id, route, channel, event_kind, pipeline, environment, fingerprint, dedup_key, \
+                             status, attempts, error, receipt, created_at, finished_at";
+
+fn delivery_row(r: &Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+    Ok(DeliveryRecord {
+        id: r.get(0)?,
+        run_id: r.get(1)?,
+        route: r.get(2)?,
+        channel: r.get(3)?,
+        event_kind: r.get(4)?,
+        pipeline: r.get(5)?,
+        environment: r.get(6)?,
+        fingerprint: r.get(7)?,
+        dedup_key: r.get(8)?,
+        status: r.get(9)?,
+        attempts: r.get(10)?,
+        error: r.get(11)?,
+        receipt: r.get(12)?,
+        created_at: r.get(13)?,
+        finished_at: r.get(14)?,
     })
 }
 
@@ -868,6 +899,72 @@ impl StateStore for SqliteStore {
 
     fn approvals(&self, run_id: &str) -> Result<Vec<ApprovalRecord>> {
         self.read("state.approvals", Some(run_id), |conn| Ok(approvals_of(conn, run_id)?))
+    }
+
+    fn record_delivery(&self, d: &DeliveryRecord) -> Result<i64> {
+        self.write("state.record_delivery", d.run_id.as_deref(), |tx| {
+            tx.prepare_cached(
+                "INSERT INTO deliveries (run_id, route, channel, event_kind, pipeline, environment, fingerprint,
+                     dedup_key, status, attempts, error, receipt, created_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?
+            .execute(params![
+                d.run_id,
+                d.route,
+                d.channel,
+                d.event_kind,
+                d.pipeline,
+                d.environment,
+                d.fingerprint,
+                d.dedup_key,
+                d.status,
+                d.attempts,
+                d.error,
+                d.receipt,
+                d.created_at,
+                d.finished_at
+            ])?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    fn delivery_finished(
+        &self,
+        id: i64,
+        status: DeliveryStatus,
+        attempts: u32,
+        error: Option<&str>,
+        receipt: Option<&str>,
+    ) -> Result<()> {
+        self.write("state.delivery_finished", None, |tx| {
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE deliveries SET status = ?2, attempts = ?3, error = ?4, receipt = ?5, finished_at = ?6
+                     WHERE id = ?1",
+                )?
+                .execute(params![id, status, attempts, error, receipt, now_millis()])?;
+            if changed == 0 {
+                return Err(Fail::domain(ErrorKind::NotFound, format!("no delivery {id}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn deliveries(&self, run_id: &str) -> Result<Vec<DeliveryRecord>> {
+        self.read("state.deliveries", Some(run_id), |conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("SELECT {DELIVERY_COLS} FROM deliveries WHERE run_id = ?1 ORDER BY id"))?;
+            Ok(stmt.query_map([run_id], delivery_row)?.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn recent_deliveries(&self, channel: &str, since: i64) -> Result<Vec<DeliveryRecord>> {
+        self.read("state.recent_deliveries", None, |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLS} FROM deliveries WHERE channel = ?1 AND created_at >= ?2 ORDER BY id"
+            ))?;
+            Ok(stmt.query_map(params![channel, since], delivery_row)?.collect::<rusqlite::Result<_>>()?)
+        })
     }
 }
 

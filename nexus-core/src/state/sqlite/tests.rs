@@ -184,6 +184,54 @@ fn state_enum_names_agree_with_serde() {
     for k in [AttemptKind::Main, AttemptKind::Rollback] {
         assert_eq!(k.as_sql(), serde_name(k));
     }
+    use DeliveryStatus as D;
+    for s in [D::Sending, D::Sent, D::Failed, D::Suppressed] {
+        assert_eq!(s.as_sql(), serde_name(s));
+        assert_eq!(DeliveryStatus::from_sql_str(s.as_sql()), Some(s));
+    }
+}
+
+fn delivery(run_id: Option<&str>, channel: &str, created_at: i64) -> DeliveryRecord {
+    DeliveryRecord {
+        id: 0,
+        run_id: run_id.map(str::to_owned),
+        route: "failures".into(),
+        channel: channel.into(),
+        event_kind: "run.failed".into(),
+        pipeline: Some("deploy".into()),
+        environment: Some("prod".into()),
+        fingerprint: "failures|ops|run.failed|deploy|prod".into(),
+        dedup_key: "nexus/deploy/prod".into(),
+        status: DeliveryStatus::Sending,
+        attempts: 0,
+        error: None,
+        receipt: None,
+        created_at,
+        finished_at: None,
+    }
+}
+
+#[test]
+fn state_deliveries_are_recorded_finished_and_listed() {
+    let (_dir, store) = store();
+    let a = store.record_delivery(&delivery(Some("r-1"), "ops", 1_000)).unwrap();
+    let b = store.record_delivery(&delivery(None, "ops", 2_000)).unwrap();
+    let c = store.record_delivery(&delivery(Some("r-1"), "pager", 3_000)).unwrap();
+    assert!(a < b && b < c);
+    store.delivery_finished(a, DeliveryStatus::Sent, 2, None, Some("msg-1")).unwrap();
+    store.delivery_finished(c, DeliveryStatus::Failed, 4, Some("HTTP 500"), None).unwrap();
+    let of_run = store.deliveries("r-1").unwrap();
+    assert_eq!(of_run.iter().map(|d| d.id).collect::<Vec<_>>(), [a, c]);
+    assert_eq!(of_run[0].status, DeliveryStatus::Sent);
+    assert_eq!(of_run[0].attempts, 2);
+    assert_eq!(of_run[0].receipt.as_deref(), Some("msg-1"));
+    assert!(of_run[0].finished_at.is_some());
+    assert_eq!(of_run[1].error.as_deref(), Some("HTTP 500"));
+    let recent = store.recent_deliveries("ops", 1_500).unwrap();
+    assert_eq!(recent.iter().map(|d| d.id).collect::<Vec<_>>(), [b]);
+    assert_eq!(recent[0].run_id, None);
+    let missing = store.delivery_finished(999, DeliveryStatus::Sent, 1, None, None).unwrap_err();
+    assert_eq!(missing.kind(), ErrorKind::NotFound);
 }
 
 #[test]
