@@ -267,6 +267,15 @@ const RUNTIME: [&str; 3] = ["steps", "secrets", "run"];
 pub fn template_env() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    // Booleans print as `true`/`false`, as shells, YAML and JSON write them (minijinja
+    // follows Python's `True`/`False`, which `[ "$x" = true ]` would never match).
+    env.set_formatter(|out, state, value| {
+        if value.kind() == minijinja::value::ValueKind::Bool {
+            out.write_str(if value.is_true() { "true" } else { "false" }).map_err(minijinja::Error::from)
+        } else {
+            minijinja::escape_formatter(out, state, value)
+        }
+    });
     env
 }
 
@@ -940,4 +949,16 @@ pub fn to_mermaid(plan: &Plan) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans_render_as_shells_write_them() {
+        let ctx = serde_json::json!({"yes": true, "no": false, "n": 3, "s": "x"});
+        let text = render_str(&template_env(), "{{ yes }} {{ no }} {{ n }} {{ s }} {{ yes and no }}", &ctx).unwrap();
+        assert_eq!(text, "true false 3 x false");
+    }
 }
