@@ -215,10 +215,13 @@ impl Dispatcher {
             && FAILURE_KINDS.contains(&kind)
         {
             let earlier = self.store.deliveries(run).unwrap_or_default();
-            if let Some(d) = earlier
-                .iter()
-                .find(|d| d.channel == record.channel && FAILURE_KINDS.contains(&d.event_kind.as_str()) && live(d))
-            {
+            // Sent, being sent or given up on: either way the run has its message (a
+            // channel that refused it is not asked again for the same run).
+            if let Some(d) = earlier.iter().find(|d| {
+                d.channel == record.channel
+                    && FAILURE_KINDS.contains(&d.event_kind.as_str())
+                    && d.status != DeliveryStatus::Suppressed
+            }) {
                 return Some(format!(
                     "grouped into delivery #{} ({}): one message per failing run and channel",
                     d.id, d.event_kind
