@@ -102,6 +102,75 @@ pub enum Stream {
 pub trait LogSink: Send + Sync {
     /// One line, without its line terminator.
     fn line(&self, stream: Stream, line: &str);
+
+    /// For runners that run one attempt on several targets (an SSH host group): the
+    /// sink of one target's lines. By default its lines come here prefixed `[name] `;
+    /// the engine gives each target its own log as well.
+    fn target<'a>(&'a self, name: &str) -> Box<dyn LogSink + 'a> {
+        Box::new(Prefixed { inner: self, prefix: format!("[{name}] ") })
+    }
+
+    /// Reports how the attempt ended on one target, so that it is recorded as its own
+    /// attempt. Ignored by default.
+    fn target_finished(&self, report: &TargetReport) {
+        let _ = report;
+    }
+}
+
+/// Lines of one target, prefixed with its name, into the attempt's sink.
+struct Prefixed<'a, S: LogSink + ?Sized> {
+    inner: &'a S,
+    prefix: String,
+}
+
+impl<S: LogSink + ?Sized> LogSink for Prefixed<'_, S> {
+    fn line(&self, stream: Stream, line: &str) {
+        self.inner.line(stream, &format!("{}{line}", self.prefix));
+    }
+
+    // Overridden so that nesting stays one type (the default would recurse on types).
+    fn target<'a>(&'a self, name: &str) -> Box<dyn LogSink + 'a> {
+        Box::new(Prefixed { inner: self.inner, prefix: format!("{}[{name}] ", self.prefix) })
+    }
+
+    fn target_finished(&self, report: &TargetReport) {
+        self.inner.target_finished(report);
+    }
+}
+
+/// How one target (a host of a group) of an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetReport {
+    /// The target's name (the host).
+    pub name: String,
+    /// Exit code, when the process exited.
+    pub exit_code: Option<i32>,
+    /// Signal number, when the process was killed by a signal.
+    pub signal: Option<i32>,
+    /// Why it could not run or was stopped (never a secret), if so.
+    pub error: Option<String>,
+    /// Whether it was not started at all (a partial-failure policy of `stop`).
+    pub skipped: bool,
+    /// When it started (the report's time for a skipped target).
+    pub started: SystemTime,
+    /// When it finished.
+    pub finished: SystemTime,
+}
+
+impl TargetReport {
+    /// A target that ran and exited with `exit_code`.
+    pub fn exited(name: impl Into<String>, exit_code: i32, started: SystemTime, finished: SystemTime) -> Self {
+        TargetReport {
+            name: name.into(),
+            exit_code: Some(exit_code),
+            signal: None,
+            error: None,
+            skipped: false,
+            started,
+            finished,
+        }
+    }
 }
 
 /// How an attempt ended.

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::Result;
 use crate::secrets::Redactor;
-use crate::traits::{LogSink, Stream};
+use crate::traits::{LogSink, Stream, TargetReport};
 
 /// The last log line of each running step.
 #[derive(Clone, Default)]
@@ -47,12 +47,19 @@ pub struct FileSink {
     redactor: Redactor,
     live: LiveStatus,
     step: String,
+    /// How each target (host of a group) ended, as the runner reported.
+    targets: Mutex<Vec<TargetReport>>,
 }
 
 impl FileSink {
     /// A sink for the log file at `path` (its directory must exist).
     pub fn create(path: &Path, redactor: Redactor, live: LiveStatus, step: String) -> Result<Self> {
-        Ok(FileSink { path: path.to_owned(), file: Mutex::new(None), redactor, live, step })
+        Ok(FileSink { path: path.to_owned(), file: Mutex::new(None), redactor, live, step, targets: Mutex::default() })
+    }
+
+    /// The reports of the attempt's targets, in the order they ended.
+    pub fn take_targets(&self) -> Vec<TargetReport> {
+        self.targets.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default()
     }
 
     /// Flushes the file.
@@ -85,6 +92,62 @@ impl LogSink for FileSink {
         }
         self.live.set(&self.step, &line);
     }
+
+    /// Each target's lines go to its own file (`<attempt>.<target>.log`) and, prefixed
+    /// `[target] `, to the attempt's log.
+    fn target<'a>(&'a self, name: &str) -> Box<dyn LogSink + 'a> {
+        let own = FileSink {
+            path: target_log_path(&self.path, name),
+            file: Mutex::new(None),
+            redactor: self.redactor.clone(),
+            live: LiveStatus::default(),
+            step: String::new(),
+            targets: Mutex::default(),
+        };
+        Box::new(TargetSink { attempt: self, own, prefix: format!("[{name}] ") })
+    }
+
+    fn target_finished(&self, report: &TargetReport) {
+        if let Ok(mut t) = self.targets.lock() {
+            t.push(report.clone());
+        }
+    }
+}
+
+/// The log of one target of an attempt.
+struct TargetSink<'a> {
+    attempt: &'a FileSink,
+    own: FileSink,
+    prefix: String,
+}
+
+impl LogSink for TargetSink<'_> {
+    fn line(&self, stream: Stream, line: &str) {
+        self.own.line(stream, line);
+        self.attempt.line(stream, &format!("{}{line}", self.prefix));
+    }
+
+    fn target_finished(&self, report: &TargetReport) {
+        self.attempt.target_finished(report);
+    }
+}
+
+impl Drop for TargetSink<'_> {
+    fn drop(&mut self) {
+        self.own.finish();
+    }
+}
+
+/// `logs/r/deploy.1.log` and `web-1` give `logs/r/deploy.1.web-1.log` (the name made
+/// safe for a file name).
+pub fn target_log_path(attempt_log: &Path, target: &str) -> std::path::PathBuf {
+    let safe: String = target
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .collect();
+    let text = attempt_log.to_string_lossy();
+    let stem = text.strip_suffix(".log").unwrap_or(&text);
+    std::path::PathBuf::from(format!("{stem}.{safe}.log"))
 }
 
 /// One parsed log line.

@@ -33,7 +33,7 @@ use crate::plan::{Plan, PlannedAction, PlannedCommand, PlannedStep, render_comma
 use crate::secrets::{self, Redactor};
 use crate::state::{
     AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, NewEvent, Owner, RunFilter, RunRecord, RunStatus,
-    StateStore, StepStatus, now_millis,
+    StateStore, StepStatus, TargetRecord, now_millis,
 };
 use crate::traits::{Event, Runner, SecretValue, Task};
 
@@ -1010,7 +1010,7 @@ impl RunState {
                 format!("{} {verb}", step.id),
             );
         }
-        let prepared = self.prepare(step, number, &log_rel);
+        let prepared = self.prepare(step, kind, number, &log_rel);
         if let PlannedAction::Command(c) = &step.action {
             *self.running_per_runner.entry(c.runner.clone()).or_default() += 1;
         }
@@ -1055,7 +1055,7 @@ impl RunState {
 
     /// Resolves what an attempt needs (secrets, rendered command, runner) before it is
     /// spawned; errors become a failed attempt.
-    fn prepare(&mut self, step: &PlannedStep, number: u32, log_rel: &str) -> Result<Prepared> {
+    fn prepare(&mut self, step: &PlannedStep, kind: AttemptKind, number: u32, log_rel: &str) -> Result<Prepared> {
         let log_path = self.engine.state_dir.join(log_rel);
         match &step.action {
             PlannedAction::Command(command) => {
@@ -1075,6 +1075,7 @@ impl RunState {
                     Error::new(e.kind(), self.redactor.redact(e.message())).with_operation("engine.render")
                 })?;
                 let runner = self.engine.runner(&self.plan, &command.runner)?;
+                let attempt = (self.run_id.clone(), step.id.clone(), number, kind, log_rel.to_owned());
                 let mut task = Task::new(&self.run_id, &step.id, number, resolved.program);
                 task.image = resolved.image;
                 task.env = resolved.env;
@@ -1082,7 +1083,8 @@ impl RunState {
                 task.timeout = step.timeout.map(|t| t.get());
                 task.secrets =
                     secrets.into_iter().map(|(name, value)| (name.to_uppercase().replace('-', "_"), value)).collect();
-                Ok(Prepared::Command { runner, task, log_path, redactor: self.redactor.clone() })
+                let store = self.engine.store.clone();
+                Ok(Prepared::Command { runner, task, log_path, redactor: self.redactor.clone(), store, attempt })
             }
             PlannedAction::Service { service, kind, action, .. } => Err(Error::new(
                 ErrorKind::Unsupported,
@@ -1268,6 +1270,48 @@ async fn sleep_until(when: Option<Instant>) {
 }
 
 /// A file-name-safe form of a step instance id.
+/// Records how each target of an attempt ended (before the attempt's own end is).
+/// Best effort: the attempt's record is what the run depends on.
+fn record_targets(
+    store: &dyn StateStore,
+    attempt: &(String, String, u32, AttemptKind, String),
+    redactor: &Redactor,
+    reports: Vec<crate::traits::TargetReport>,
+) {
+    if reports.is_empty() {
+        return;
+    }
+    let (run_id, step_id, number, kind, log_rel) = attempt;
+    let millis = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    };
+    let records: Vec<TargetRecord> = reports
+        .into_iter()
+        .map(|r| TargetRecord {
+            run_id: run_id.clone(),
+            step_id: step_id.clone(),
+            number: *number,
+            kind: *kind,
+            status: if r.skipped {
+                AttemptStatus::Cancelled
+            } else if r.exit_code == Some(0) {
+                AttemptStatus::Succeeded
+            } else {
+                AttemptStatus::Failed
+            },
+            skipped: r.skipped,
+            started_at: millis(r.started),
+            finished_at: millis(r.finished),
+            exit_code: r.exit_code,
+            signal: r.signal,
+            log_path: logs::target_log_path(std::path::Path::new(log_rel), &r.name).to_string_lossy().into_owned(),
+            error: r.error.as_deref().map(|e| redactor.redact(e)),
+            target: r.name,
+        })
+        .collect();
+    let _ = store.record_targets(&records);
+}
+
 fn sanitize(id: &str) -> String {
     id.chars()
         .map(
@@ -1283,15 +1327,12 @@ enum Prepared {
         task: Task,
         log_path: PathBuf,
         redactor: Redactor,
+        store: Arc<dyn StateStore>,
+        /// Run, step, number, kind and log path of the attempt, to record its targets.
+        attempt: (String, String, u32, AttemptKind, String),
     },
     /// A `notify` step: its message to each channel, with the notifiers' retries.
-    Notify {
-        engine: Engine,
-        event: Box<Event>,
-        channels: Vec<String>,
-        log_path: PathBuf,
-        redactor: Redactor,
-    },
+    Notify { engine: Engine, event: Box<Event>, channels: Vec<String>, log_path: PathBuf, redactor: Redactor },
 }
 
 struct Finished {
@@ -1305,10 +1346,11 @@ struct Finished {
 impl Prepared {
     async fn run(self, cancel: CancellationToken, live: LiveStatus) -> Result<Finished> {
         match self {
-            Prepared::Command { runner, task, log_path, redactor } => {
-                let sink = logs::FileSink::create(&log_path, redactor, live, task.step_id.clone())?;
+            Prepared::Command { runner, task, log_path, redactor, store, attempt } => {
+                let sink = logs::FileSink::create(&log_path, redactor.clone(), live, task.step_id.clone())?;
                 let result = runner.run(&task, &sink, cancel).await;
                 sink.finish();
+                record_targets(store.as_ref(), &attempt, &redactor, sink.take_targets());
                 let outcome = result?;
                 let status = if outcome.success() { AttemptStatus::Succeeded } else { AttemptStatus::Failed };
                 let error = match (outcome.exit_code, outcome.signal) {

@@ -215,6 +215,37 @@ pub struct AttemptRecord {
     pub error: Option<String>,
 }
 
+/// How one target (a host of a group) of an attempt ended: recorded as its own attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// The run.
+    pub run_id: String,
+    /// The step instance id.
+    pub step_id: String,
+    /// The attempt's number.
+    pub number: u32,
+    /// The attempt's kind.
+    pub kind: AttemptKind,
+    /// The target (host).
+    pub target: String,
+    /// Succeeded (exit 0), failed, or cancelled (with `skipped` when never started).
+    pub status: AttemptStatus,
+    /// Whether the target was not started (partial-failure policy `stop`).
+    pub skipped: bool,
+    /// Start.
+    pub started_at: Millis,
+    /// End.
+    pub finished_at: Millis,
+    /// Exit code, if the process exited.
+    pub exit_code: Option<i32>,
+    /// Signal, if the process was killed by one.
+    pub signal: Option<i32>,
+    /// The target's own log file, relative to the state directory.
+    pub log_path: String,
+    /// Why it failed or did not run (redacted).
+    pub error: Option<String>,
+}
+
 /// An event as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -417,6 +448,10 @@ pub trait StateStore: Send + Sync {
     fn events(&self, run_id: &str) -> Result<Vec<EventRecord>>;
     /// The approvals of a run.
     fn approvals(&self, run_id: &str) -> Result<Vec<ApprovalRecord>>;
+    /// Records how the targets of an attempt ended (before the attempt's own end).
+    fn record_targets(&self, targets: &[TargetRecord]) -> Result<()>;
+    /// The targets of a run's attempts, in attempt then record order.
+    fn targets(&self, run_id: &str) -> Result<Vec<TargetRecord>>;
     /// Records a notification delivery (its `id` is ignored) and returns its id.
     fn record_delivery(&self, delivery: &DeliveryRecord) -> Result<i64>;
     /// Records how a delivery ended.

@@ -2,16 +2,18 @@
 //! `parallelism` at a time, with `on_partial_failure` deciding whether hosts not started
 //! yet still run once one failed.
 //!
-//! Until the engine records one attempt per host, the group's result is one combined
-//! [`Outcome`]: exit code 0 only if every host succeeded, else the exit code of the first
-//! host (in list order) that failed; every log line is prefixed with `[host] `, and a
+//! Each host is reported to the engine as a target of the attempt
+//! ([`LogSink::target`], [`LogSink::target_finished`]): it gets its own log and its own
+//! record (`nexus show RUN` lists them), and its lines also appear in the attempt's log
+//! prefixed `[host] `. The attempt's result combines them: exit code 0 only if every
+//! host succeeded, else the exit code of the first host (in list order) that failed; a
 //! summary line per host ends the log.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use futures_util::future::join_all;
-use nexus_core::traits::{LogSink, Outcome, Stream, Task};
+use nexus_core::traits::{LogSink, Outcome, Stream, TargetReport, Task};
 use nexus_core::{Error, ErrorKind, Result};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -19,18 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::PartialFailure;
 use crate::runner::{SshRunner, step_error};
-
-/// Prefixes every line with the host's name.
-struct HostLogs<'a> {
-    inner: &'a dyn LogSink,
-    prefix: String,
-}
-
-impl LogSink for HostLogs<'_> {
-    fn line(&self, stream: Stream, line: &str) {
-        self.inner.line(stream, &format!("{}{line}", self.prefix));
-    }
-}
 
 /// What happened on one host.
 enum HostResult {
@@ -46,6 +36,24 @@ impl HostResult {
             HostResult::Ran(Ok(outcome)) => !outcome.success(),
             HostResult::Ran(Err(_)) => true,
         }
+    }
+
+    /// What the engine records for this host.
+    fn report(&self, host: &str, started: SystemTime) -> TargetReport {
+        let mut report = TargetReport::exited(host, 0, started, SystemTime::now());
+        report.exit_code = None;
+        match self {
+            HostResult::Skipped => {
+                report.skipped = true;
+                report.error = Some(self.summary());
+            }
+            HostResult::Ran(Ok(o)) => {
+                (report.exit_code, report.signal) = (o.exit_code, o.signal);
+                (report.started, report.finished) = (o.started, o.finished);
+            }
+            HostResult::Ran(Err(_)) => report.error = Some(self.summary()),
+        }
+        report
     }
 
     fn summary(&self) -> String {
@@ -82,15 +90,20 @@ pub(crate) async fn run_group(
     let results = join_all(hosts.iter().map(|host| {
         let (permits, failed) = (&permits, &failed);
         async move {
+            let host_started = SystemTime::now();
             let Ok(_permit) = permits.acquire().await else { return HostResult::Skipped };
             if stop_on_failure && failed.load(Ordering::SeqCst) {
+                logs.target_finished(&HostResult::Skipped.report(host, host_started));
                 return HostResult::Skipped;
             }
-            let host_logs = HostLogs { inner: logs, prefix: format!("[{host}] ") };
-            let result = HostResult::Ran(runner.run_on(host, task, &host_logs, cancel, deadline).await);
+            let result = {
+                let host_logs = logs.target(host);
+                HostResult::Ran(runner.run_on(host, task, host_logs.as_ref(), cancel, deadline).await)
+            };
             if result.failed() {
                 failed.store(true, Ordering::SeqCst);
             }
+            logs.target_finished(&result.report(host, host_started));
             result
         }
     }))

@@ -29,9 +29,9 @@
 //!   attempt; after the program exits, it is read back (`key=value` lines or
 //!   `key<<DELIM` blocks, at most [`MAX_OUTPUT_BYTES`]) and the directory is deleted.
 //! - `hosts: [...]`: the attempt runs on every host, `parallelism` at a time;
-//!   `on_partial_failure: stop` starts it on no further host once one failed. The result
-//!   is one combined outcome (see the `group` module) until the engine records one
-//!   attempt per host.
+//!   `on_partial_failure: stop` starts it on no further host once one failed. Each host
+//!   is reported as a target of the attempt (its own log and record); the attempt's
+//!   result combines them (see the `group` module).
 //!
 //! [`LogSink`]: nexus_core::traits::LogSink
 

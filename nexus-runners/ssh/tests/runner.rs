@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nexus_core::traits::{LogSink, Outcome, Program, Runner, SecretValue, Stream, Task};
+use nexus_core::traits::{LogSink, Outcome, Program, Runner, SecretValue, Stream, TargetReport, Task};
 use nexus_core::{Catalog, ErrorKind, Result};
 use nexus_runner_ssh::{MAX_LINE_BYTES, SSH_KIND, register_ssh_runner};
 use serde_json::{Value, json};
@@ -22,11 +22,13 @@ type OnLine = Box<dyn Fn(&str) + Send + Sync>;
 struct Logs {
     lines: Mutex<Vec<(Stream, String)>>,
     on_line: Option<OnLine>,
+    /// `target_finished` reports: host, exit code, skipped.
+    targets: Mutex<Vec<(String, Option<i32>, bool)>>,
 }
 
 impl Logs {
     fn calling(on_line: impl Fn(&str) + Send + Sync + 'static) -> Self {
-        Logs { lines: Mutex::default(), on_line: Some(Box::new(on_line)) }
+        Logs { lines: Mutex::default(), on_line: Some(Box::new(on_line)), targets: Mutex::default() }
     }
     fn of(&self, stream: Stream) -> Vec<String> {
         self.lines.lock().unwrap().iter().filter(|(s, _)| *s == stream).map(|(_, l)| l.clone()).collect()
@@ -48,6 +50,10 @@ impl LogSink for Logs {
         if let Some(on_line) = &self.on_line {
             on_line(line);
         }
+    }
+
+    fn target_finished(&self, report: &TargetReport) {
+        self.targets.lock().unwrap().push((report.name.clone(), report.exit_code, report.skipped));
     }
 }
 
@@ -572,6 +578,9 @@ async fn a_group_runs_on_every_host_with_continue() {
     assert_eq!(outcome.outputs["host"], "second");
     let summary = logs.of(Stream::Stderr);
     assert_eq!(summary, ["nexus: 127.0.0.1: exit code 3", "nexus: localhost: exit code 0"]);
+    // Each host is reported as its own attempt.
+    let targets = logs.targets.lock().unwrap().clone();
+    assert_eq!(targets, [("127.0.0.1".to_owned(), Some(3), false), ("localhost".to_owned(), Some(0), false)]);
 }
 
 #[tokio::test]
@@ -583,6 +592,8 @@ async fn a_group_stops_after_a_failure_with_stop() {
     assert_eq!(outcome.exit_code, Some(3));
     assert_eq!(logs.stdout(), ["[127.0.0.1] first"]);
     assert_eq!(logs.of(Stream::Stderr)[1], "nexus: localhost: not started (on_partial_failure: stop)");
+    let targets = logs.targets.lock().unwrap().clone();
+    assert_eq!(targets, [("127.0.0.1".to_owned(), Some(3), false), ("localhost".to_owned(), None, true)]);
     remote(&format!("rmdir {flag}"));
 }
 

@@ -20,7 +20,7 @@ use crate::error::ErrorKind;
 pub(super) const APPLICATION_ID: i32 = 0x4e58_5331;
 
 /// The ordered migrations: entry `i` brings the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build of Nexus writes (the number of migrations).
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -209,4 +209,25 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_by_run ON deliveries (run_id, id);
 CREATE INDEX deliveries_by_channel ON deliveries (channel, created_at);
+"#;
+
+/// Version 3: the targets of an attempt (each host of an SSH group), each recorded as
+/// its own attempt with its own log.
+const V3: &str = r#"
+CREATE TABLE attempt_targets (
+    run_id       TEXT    NOT NULL REFERENCES runs (id),
+    step_id      TEXT    NOT NULL,
+    number       INTEGER NOT NULL,
+    kind         TEXT    NOT NULL,
+    target       TEXT    NOT NULL,
+    status       TEXT    NOT NULL,
+    skipped      INTEGER NOT NULL DEFAULT 0,
+    started_at   INTEGER NOT NULL,
+    finished_at  INTEGER NOT NULL,
+    exit_code    INTEGER,
+    signal       INTEGER,
+    log_path     TEXT    NOT NULL,
+    error        TEXT,
+    PRIMARY KEY (run_id, step_id, kind, number, target)
+);
 "#;

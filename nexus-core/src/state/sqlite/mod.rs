@@ -34,7 +34,7 @@ pub use self::migrations::SCHEMA_VERSION;
 use super::{
     ApprovalRecord, AttemptKind, AttemptRecord, AttemptStatus, DeliveryRecord, DeliveryStatus, EventRecord,
     LeaseHolder, NewEvent, Owner, RunFilter, RunRecord, RunStatus, Signals, StateStore, StepRecord, StepStatus,
-    now_millis,
+    TargetRecord, now_millis,
 };
 use crate::error::{Error, ErrorKind, Result};
 
@@ -291,6 +291,27 @@ fn approval_row(r: &Row<'_>) -> rusqlite::Result<ApprovalRecord> {
         by: r.get(3)?,
         at: r.get(4)?,
         comment: r.get(5)?,
+    })
+}
+
+const TARGET_COLS: &str = "run_id, step_id, number, kind, target, status, skipped, started_at, finished_at, exit_code, \
+                           signal, log_path, error";
+
+fn target_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
+    Ok(TargetRecord {
+        run_id: r.get(0)?,
+        step_id: r.get(1)?,
+        number: r.get(2)?,
+        kind: r.get(3)?,
+        target: r.get(4)?,
+        status: r.get(5)?,
+        skipped: r.get(6)?,
+        started_at: r.get(7)?,
+        finished_at: r.get(8)?,
+        exit_code: r.get(9)?,
+        signal: r.get(10)?,
+        log_path: r.get(11)?,
+        error: r.get(12)?,
     })
 }
 
@@ -899,6 +920,43 @@ impl StateStore for SqliteStore {
 
     fn approvals(&self, run_id: &str) -> Result<Vec<ApprovalRecord>> {
         self.read("state.approvals", Some(run_id), |conn| Ok(approvals_of(conn, run_id)?))
+    }
+
+    fn record_targets(&self, targets: &[TargetRecord]) -> Result<()> {
+        let Some(first) = targets.first() else { return Ok(()) };
+        self.write("state.record_targets", Some(&first.run_id), |tx| {
+            let mut stmt = tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO attempt_targets ({TARGET_COLS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ))?;
+            for t in targets {
+                stmt.execute(params![
+                    t.run_id,
+                    t.step_id,
+                    t.number,
+                    t.kind,
+                    t.target,
+                    t.status,
+                    t.skipped,
+                    t.started_at,
+                    t.finished_at,
+                    t.exit_code,
+                    t.signal,
+                    t.log_path,
+                    t.error
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn targets(&self, run_id: &str) -> Result<Vec<TargetRecord>> {
+        self.read("state.targets", Some(run_id), |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {TARGET_COLS} FROM attempt_targets WHERE run_id = ?1 ORDER BY step_id, kind, number, rowid"
+            ))?;
+            Ok(stmt.query_map([run_id], target_row)?.collect::<rusqlite::Result<_>>()?)
+        })
     }
 
     fn record_delivery(&self, d: &DeliveryRecord) -> Result<i64> {

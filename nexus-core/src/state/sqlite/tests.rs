@@ -755,3 +755,29 @@ fn state_3000_step_transitions_on_a_file_store() {
     assert!(steps.iter().all(|s| s.status == StepStatus::Succeeded && s.attempts == 1));
     assert_eq!(store.attempts("r-big").unwrap().len(), 1000);
 }
+
+#[test]
+fn state_targets_of_an_attempt_round_trip() {
+    let (_dir, store) = store();
+    store.create_run(&run("r-t", "fleet", 1_000)).unwrap();
+    let target = |name: &str, exit: Option<i32>, skipped: bool| TargetRecord {
+        run_id: "r-t".into(),
+        step_id: "upgrade".into(),
+        number: 1,
+        kind: AttemptKind::Main,
+        target: name.into(),
+        status: if skipped { AttemptStatus::Cancelled } else { AttemptStatus::Failed },
+        skipped,
+        started_at: 1_001,
+        finished_at: 1_002,
+        exit_code: exit,
+        signal: None,
+        log_path: format!("logs/r-t/upgrade.1.{name}.log"),
+        error: skipped.then(|| "not started".to_owned()),
+    };
+    let records = [target("web-1", Some(3), false), target("web-2", None, true)];
+    store.record_targets(&records).unwrap();
+    store.record_targets(&[]).unwrap();
+    assert_eq!(store.targets("r-t").unwrap(), records);
+    assert!(store.targets("r-other").unwrap().is_empty());
+}
