@@ -1084,6 +1084,7 @@ impl RunState {
                 task.secrets =
                     secrets.into_iter().map(|(name, value)| (name.to_uppercase().replace('-', "_"), value)).collect();
                 let store = self.engine.store.clone();
+                let task = Box::new(task);
                 Ok(Prepared::Command { runner, task, log_path, redactor: self.redactor.clone(), store, attempt })
             }
             PlannedAction::Service { service, kind, action, .. } => Err(Error::new(
@@ -1324,7 +1325,7 @@ fn sanitize(id: &str) -> String {
 enum Prepared {
     Command {
         runner: Arc<dyn Runner>,
-        task: Task,
+        task: Box<Task>,
         log_path: PathBuf,
         redactor: Redactor,
         store: Arc<dyn StateStore>,
