@@ -1,8 +1,19 @@
 //! The `kubernetes` runner: runs each step attempt as a Kubernetes Job.
 //!
-//! This crate provides the kind's complete spec, its pure validation and an example.
-//! Execution is not implemented yet: [`KubernetesRunnerKind::build`] returns an
-//! `Unsupported` error, so a configuration that uses the kind validates but cannot run.
+//! One Job per attempt (`backoffLimit: 0`: retries belong to Nexus), its pod followed
+//! until the container ends, its log streamed line by line, the exit code taken from
+//! the container's status. Secrets reach the container through a per-attempt Secret
+//! that is deleted when the attempt ends. The program runs under a small POSIX `sh`
+//! wrapper that tells stderr apart from stdout in the pod's single log stream and
+//! prints `$NEXUS_OUTPUT` after the program (see [`runner`] and
+//! `docs/runners/kubernetes.md`).
+//!
+//! Every Job, pod and Secret carries the labels [`LABEL_RUN`], [`LABEL_STEP`] and
+//! [`LABEL_ATTEMPT`] (values sanitised to label syntax) and the same keys as
+//! annotations with the exact ids; [`Runner::cleanup_run`] deletes what a crashed run
+//! left by them.
+
+pub mod runner;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -10,12 +21,25 @@ use std::sync::Arc;
 use nexus_core::model::Map;
 use nexus_core::spec::{check_not_blank, is_template};
 use nexus_core::traits::Runner;
-use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
+use nexus_core::{Catalog, ComponentKind, Result, SpecIssue};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use runner::{KubernetesRunner, label_value};
+
 /// The kind's name in the registries.
 pub const KUBERNETES_KIND: &str = "kubernetes";
+
+/// The label (and annotation) naming the run of a Job, its pod and its Secret. The
+/// label's value is the run id sanitised to label syntax; the annotation's is exact.
+pub const LABEL_RUN: &str = "nexus.run";
+/// The label (and annotation) naming the step (with its matrix suffix).
+pub const LABEL_STEP: &str = "nexus.step";
+/// The label (and annotation) naming the attempt number.
+pub const LABEL_ATTEMPT: &str = "nexus.attempt";
+/// The label naming the Job on the Job, its pod and its Secret: how the runner finds
+/// the Job's pod.
+pub const LABEL_JOB: &str = "nexus.job";
 
 /// Settings of a `kubernetes` runner instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -48,7 +72,7 @@ pub struct KubernetesSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
     /// Labels put on every Job and its pod (Nexus adds its own `nexus.run`,
-    /// `nexus.step` labels too).
+    /// `nexus.step`, `nexus.attempt` and `nexus.job` labels too, which win).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub labels: Map<String>,
     /// How long Kubernetes keeps a finished Job (and its pod and logs) before deleting
@@ -191,7 +215,7 @@ impl ComponentKind for KubernetesRunnerKind {
     type Trait = dyn Runner;
     type Spec = KubernetesSpec;
     const KIND: &'static str = KUBERNETES_KIND;
-    const DESCRIPTION: &'static str = "runs steps as Kubernetes Jobs (execution not implemented yet)";
+    const DESCRIPTION: &'static str = "runs steps as Kubernetes Jobs, one Job per attempt";
 
     fn example() -> KubernetesSpec {
         let quantity = |q: &str| Some(Quantity(q.to_owned()));
@@ -258,12 +282,8 @@ impl ComponentKind for KubernetesRunnerKind {
         issues
     }
 
-    fn build(_spec: KubernetesSpec) -> Result<Arc<dyn Runner>> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "the kubernetes runner's execution is not implemented yet; its spec is validated",
-        )
-        .with_operation("runner.build"))
+    fn build(spec: KubernetesSpec) -> Result<Arc<dyn Runner>> {
+        Ok(Arc::new(KubernetesRunner::new(spec)))
     }
 }
 
@@ -462,7 +482,6 @@ mod tests {
         nexus_testkit::example_is_valid::<KubernetesRunnerKind>();
         nexus_testkit::schema_fields_are_documented::<KubernetesRunnerKind>();
         nexus_testkit::unknown_field_is_refused::<KubernetesRunnerKind>("serviceAccountName");
-        nexus_testkit::build_is_unsupported::<KubernetesRunnerKind>();
         nexus_testkit::registers_once::<KubernetesRunnerKind>(register_kubernetes_runner);
     }
 
