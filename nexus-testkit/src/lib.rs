@@ -29,6 +29,8 @@
 //! every runner kind's tests run against its own runner, as `object_store`'s backends
 //! do with its integration suite.
 
+pub mod http;
+pub mod notifier;
 pub mod runner;
 
 pub use runner::{MissingProgram, RunnerTarget, SharedDir};

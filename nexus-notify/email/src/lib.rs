@@ -1,14 +1,31 @@
 //! The `email` notifier kind of Nexus: notifications sent through an SMTP server.
 //!
-//! This crate holds the kind's spec, its pure validation and its registration; the SMTP
-//! client comes in a later issue, so [`EmailKind::build`] returns an `Unsupported`
-//! error.
+//! One message per notification, through `lettre` (STARTTLS, TLS from the first byte, or
+//! plain for a relay on the same host; optional authentication): the subject is
+//! `subject_prefix` and the title; the body is `multipart/alternative` with a plain-text
+//! part (the body, the facts, the log tail and the link) and an HTML part (the same, all
+//! escaped, with the facts in a table and the log tail in `<pre>`). A `templated`
+//! notification's body is the message as it is (and, in HTML, that text in `<pre>`).
+//! Headers `X-Nexus-Dedup-Key` and `X-Nexus-Status` (`firing` or `resolved`) help mail
+//! filters; the receipt holds the `Message-ID`.
+//!
+//! One attempt per send: a connection that fails, a timeout and a transient (4xx) SMTP
+//! reply are retryable; a permanent (5xx) reply is not (`PermissionDenied` for refused
+//! authentication), nor is a TLS or protocol mismatch.
 
 use std::fmt;
 use std::sync::Arc;
 
-use nexus_core::spec::{check_non_empty, check_secret_ref, check_single_line, check_together, is_template};
-use nexus_core::traits::Notifier;
+use async_trait::async_trait;
+use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use nexus_core::model::{Duration, Severity};
+use nexus_core::spec::{
+    check_non_empty, check_positive_duration, check_secret_ref, check_single_line, check_together, is_template,
+};
+use nexus_core::traits::{Notification, Notifier, Receipt};
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -54,6 +71,10 @@ pub struct EmailSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub subject_prefix: Option<String>,
+    /// Time limit of one send: connecting, TLS and the whole SMTP exchange; 30 s when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
 }
 
 /// How the SMTP connection is encrypted.
@@ -85,6 +106,7 @@ impl fmt::Debug for EmailSpec {
             .field("to", &self.to)
             .field("cc", &self.cc)
             .field("subject_prefix", &self.subject_prefix)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -109,6 +131,7 @@ impl ComponentKind for EmailKind {
             to: vec!["ops@example.com".to_owned()],
             cc: vec!["platform-leads@example.com".to_owned()],
             subject_prefix: Some("[nexus]".to_owned()),
+            timeout: Some(Duration(std::time::Duration::from_secs(10))),
         }
     }
 
@@ -145,21 +168,301 @@ impl ComponentKind for EmailKind {
         if let Some(prefix) = &spec.subject_prefix {
             check_single_line(&mut issues, &["subject_prefix"], prefix, "the subject prefix");
         }
+        check_positive_duration(&mut issues, &["timeout"], spec.timeout, "timeout");
         issues
     }
 
-    fn build(_spec: EmailSpec) -> Result<Arc<dyn Notifier>> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "the email notifier's implementation is not built yet; its spec is validated",
-        )
-        .with_operation("notifier.build"))
+    fn build(spec: EmailSpec) -> Result<Arc<dyn Notifier>> {
+        Ok(Arc::new(EmailNotifier::new(spec)?))
     }
 }
 
 /// Registers the `email` notifier kind.
 pub fn register_email_notifier(catalog: &mut Catalog) -> Result<()> {
     catalog.notifiers.register_kind::<EmailKind>()
+}
+
+/// The time limit of one send when the spec gives none.
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The `email` notifier.
+pub struct EmailNotifier {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    host: String,
+    port: u16,
+    from: Mailbox,
+    to: Vec<Mailbox>,
+    cc: Vec<Mailbox>,
+    subject_prefix: Option<String>,
+    timeout: std::time::Duration,
+}
+
+impl fmt::Debug for EmailNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmailNotifier")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("from", &self.from.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+fn build_error(message: String) -> Error {
+    Error::new(ErrorKind::InvalidConfig, message).with_operation("notifier.build").with_context("channel", EMAIL_KIND)
+}
+
+fn mailbox(field: &str, text: &str) -> Result<Mailbox> {
+    text.parse().map_err(|e| build_error(format!("`{field}`: `{text}` is not an email address ({e})")))
+}
+
+impl EmailNotifier {
+    /// A notifier for `spec`, whose templates are already rendered. Nothing is
+    /// connected before the first send.
+    pub fn new(spec: EmailSpec) -> Result<Self> {
+        let host = spec.host.trim().to_owned();
+        let tls_error = |e: lettre::transport::smtp::Error| build_error(format!("cannot set up TLS for `{host}`: {e}"));
+        let builder = match spec.tls {
+            Tls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host),
+            Tls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host).map_err(tls_error)?,
+            Tls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&host).map_err(tls_error)?,
+        };
+        let timeout = spec.timeout.map_or(DEFAULT_TIMEOUT, Duration::get);
+        // lettre's own limit covers connecting only; `send` bounds the whole exchange.
+        let mut builder = builder.port(spec.port).timeout(Some(timeout));
+        if let (Some(username), Some(password)) = (spec.username, spec.password) {
+            builder = builder.credentials(Credentials::new(username, password));
+        }
+        let to = spec.to.iter().map(|t| mailbox("to", t)).collect::<Result<Vec<_>>>()?;
+        if to.is_empty() {
+            return Err(build_error("`to`: give at least one recipient".to_owned()));
+        }
+        Ok(EmailNotifier {
+            transport: builder.build(),
+            from: mailbox("from", &spec.from)?,
+            to,
+            cc: spec.cc.iter().map(|c| mailbox("cc", c)).collect::<Result<Vec<_>>>()?,
+            subject_prefix: spec.subject_prefix,
+            timeout,
+            host,
+            port: spec.port,
+        })
+    }
+
+    /// The message for `notification`, ready to send.
+    pub fn message(&self, notification: &Notification) -> Result<Message> {
+        let subject = match &self.subject_prefix {
+            Some(prefix) => format!("{prefix} {}", notification.title),
+            None => notification.title.clone(),
+        };
+        let mut builder = Message::builder()
+            .from(self.from.clone())
+            .subject(one_line(&subject))
+            .message_id(None)
+            .header(DedupKey(one_line(&notification.dedup_key)))
+            .header(Status(if notification.resolve { "resolved" } else { "firing" }.to_owned()));
+        for to in &self.to {
+            builder = builder.to(to.clone());
+        }
+        for cc in &self.cc {
+            builder = builder.cc(cc.clone());
+        }
+        let (text, html) = bodies(notification);
+        builder
+            .multipart(
+                MultiPart::alternative()
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(text))
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html)),
+            )
+            .map_err(|e| {
+                Error::new(ErrorKind::InvalidConfig, format!("cannot write the message: {e}"))
+                    .with_operation("notify.send")
+                    .with_context("channel", EMAIL_KIND)
+                    .with_context("host", &self.host)
+            })
+    }
+
+    fn send_error(&self, e: lettre::transport::smtp::Error) -> Error {
+        let server = format!("{}:{}", self.host, self.port);
+        let code = e.status().map(|c| c.to_string());
+        let (kind, retryable, what) = if e.is_transient() {
+            (ErrorKind::Unavailable, true, "refused the message for now (transient SMTP error); try again later")
+        } else if e.is_permanent() && matches!(code.as_deref(), Some("530" | "534" | "535" | "538")) {
+            (ErrorKind::PermissionDenied, false, "refused the authentication; check `username` and `password`")
+        } else if e.is_permanent() {
+            (ErrorKind::InvalidConfig, false, "refused the message (permanent SMTP error); check `from` and `to`")
+        } else if e.is_timeout() {
+            (ErrorKind::Timeout, true, "did not answer in time")
+        } else if e.is_tls() || io_error_kind(&e) == Some(std::io::ErrorKind::InvalidData) {
+            // rustls reports a failed handshake (a certificate refused, a server that
+            // does not speak TLS on that port) as invalid data.
+            (ErrorKind::InvalidConfig, false, "failed the TLS handshake; check `tls`, `port` and its certificate")
+        } else if e.is_client() {
+            (ErrorKind::InvalidConfig, false, "cannot be used as configured; check `tls`, `port` and the credentials")
+        } else {
+            (ErrorKind::Unavailable, true, "cannot be reached")
+        };
+        Error::new(kind, format!("the SMTP server {server} {what}"))
+            .set_retryable(retryable)
+            .with_operation("notify.send")
+            .with_context("channel", EMAIL_KIND)
+            .with_context("host", server)
+            .with_source(e)
+    }
+}
+
+#[async_trait]
+impl Notifier for EmailNotifier {
+    async fn send(&self, notification: &Notification) -> Result<Receipt> {
+        let message = self.message(notification)?;
+        let id = message.headers().get_raw("Message-ID").map(str::to_owned);
+        match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
+            Ok(sent) => sent.map_err(|e| self.send_error(e))?,
+            Err(_) => {
+                let server = format!("{}:{}", self.host, self.port);
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("the SMTP server {server} did not finish the exchange within {:?}", self.timeout),
+                )
+                .with_operation("notify.send")
+                .with_context("channel", EMAIL_KIND)
+                .with_context("host", server));
+            }
+        };
+        Ok(Receipt::new(id, None))
+    }
+}
+
+/// The kind of the first I/O error in `e`'s chain of sources.
+fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// A header type holding a text value, named `$name`.
+macro_rules! text_header {
+    ($(#[$doc:meta])* $type:ident, $name:literal) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        struct $type(String);
+
+        impl Header for $type {
+            fn name() -> HeaderName {
+                HeaderName::new_from_ascii_str($name)
+            }
+            fn parse(s: &str) -> std::result::Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+                Ok($type(s.to_owned()))
+            }
+            fn display(&self) -> HeaderValue {
+                HeaderValue::new(Self::name(), self.0.clone())
+            }
+        }
+    };
+}
+
+text_header!(
+    /// `X-Nexus-Dedup-Key`: the notification's dedup key, for mail filters.
+    DedupKey,
+    "X-Nexus-Dedup-Key"
+);
+text_header!(
+    /// `X-Nexus-Status`: `firing`, or `resolved` for a notification that resolves.
+    Status,
+    "X-Nexus-Status"
+);
+
+/// `text` on one line (a header cannot hold a line break).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Escapes text for HTML content and attribute values.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn is_url(link: &str) -> bool {
+    link.starts_with("https://") || link.starts_with("http://")
+}
+
+/// The plain-text and HTML bodies of `notification`.
+pub fn bodies(notification: &Notification) -> (String, String) {
+    if notification.templated {
+        let html = format!(
+            "<!DOCTYPE html>\n<html><body>\n<pre style=\"font-family: monospace; white-space: pre-wrap\">{}</pre>\n</body></html>\n",
+            escape_html(&notification.body)
+        );
+        return (notification.body.clone(), html);
+    }
+    let (status, colour) = match (notification.resolve, notification.severity) {
+        (true, _) => ("Resolved", "#2e7d32"),
+        (false, Severity::Critical) => ("Critical", "#b71c1c"),
+        (false, Severity::Error) => ("Failed", "#c62828"),
+        (false, Severity::Warning) => ("Warning", "#ef6c00"),
+        (false, Severity::Info) => ("Info", "#1565c0"),
+    };
+    let mut text = format!("{status}: {}\n", notification.title);
+    let mut html = format!(
+        "<!DOCTYPE html>\n<html><body style=\"font-family: sans-serif\">\n<h2 style=\"color: {colour}\">{status}: {}</h2>\n",
+        escape_html(&notification.title)
+    );
+    if !notification.body.trim().is_empty() {
+        text.push_str(&format!("\n{}\n", notification.body));
+        let paragraphs = escape_html(&notification.body).replace('\n', "<br>\n");
+        html.push_str(&format!("<p>{paragraphs}</p>\n"));
+    }
+    if !notification.facts.is_empty() {
+        let width = notification.facts.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0) + 1;
+        text.push('\n');
+        html.push_str("<table style=\"border-collapse: collapse\">\n");
+        for (name, value) in &notification.facts {
+            text.push_str(&format!("{:<width$} {value}\n", format!("{name}:")));
+            html.push_str(&format!(
+                "<tr><th style=\"text-align: left; padding: 2px 12px 2px 0\">{}</th><td>{}</td></tr>\n",
+                escape_html(name),
+                escape_html(value)
+            ));
+        }
+        html.push_str("</table>\n");
+    }
+    if !notification.log_tail.is_empty() {
+        text.push_str("\nLast log lines:\n");
+        for line in &notification.log_tail {
+            text.push_str(&format!("    {line}\n"));
+        }
+        let lines: Vec<String> = notification.log_tail.iter().map(|l| escape_html(l)).collect();
+        html.push_str(&format!(
+            "<h3>Last log lines</h3>\n<pre style=\"background: #f5f5f5; padding: 8px\">{}</pre>\n",
+            lines.join("\n")
+        ));
+    }
+    if let Some(link) = &notification.link {
+        if is_url(link) {
+            text.push_str(&format!("\nOpen the run: {link}\n"));
+            html.push_str(&format!("<p><a href=\"{}\">Open the run</a></p>\n", escape_html(link)));
+        } else {
+            text.push_str(&format!("\nInspect with: {link}\n"));
+            html.push_str(&format!("<p>Inspect with <code>{}</code></p>\n", escape_html(link)));
+        }
+    }
+    html.push_str("</body></html>\n");
+    (text, html)
 }
 
 /// Checks that `text` looks like one email address, bare or as `Name <address>`
@@ -195,6 +498,7 @@ fn check_address(issues: &mut Vec<SpecIssue>, path: &[&str], text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nexus_core::model::Severity;
     use nexus_testkit::{assert_debug_hides, assert_single_issue, assert_valid, descriptor, example_with};
     use serde_json::{Value, json};
 
@@ -208,7 +512,11 @@ mod tests {
         nexus_testkit::example_is_valid::<EmailKind>();
         nexus_testkit::schema_fields_are_documented::<EmailKind>();
         nexus_testkit::unknown_field_is_refused::<EmailKind>("bcc");
-        nexus_testkit::build_is_unsupported::<EmailKind>();
+        nexus_testkit::notifier::builds::<EmailKind>(json!({"host": "smtp.example.com", "password": "s3cr3t-pa55"}));
+        nexus_testkit::notifier::builds::<EmailKind>(
+            json!({"host": "127.0.0.1", "tls": "none", "password": null, "username": null}),
+        );
+        nexus_testkit::notifier::builds::<EmailKind>(json!({"host": "smtp.example.com", "tls": "tls", "port": 465}));
         nexus_testkit::registers_once::<EmailKind>(register_email_notifier);
     }
 
@@ -258,6 +566,52 @@ mod tests {
     #[test]
     fn subject_prefix_is_one_line() {
         check(json!({"subject_prefix": "[nexus]\nBcc: x@evil"}), &["subject_prefix"], "single line");
+    }
+
+    #[test]
+    fn timeout_must_be_positive() {
+        check(json!({"timeout": "0s"}), &["timeout"], "longer than zero");
+    }
+
+    fn notification() -> Notification {
+        let mut n = Notification::new("deploy <b>&</b> failed", "step \"api\" failed", Severity::Error, "k");
+        n.facts = vec![("Pipeline".to_owned(), "<script>x</script>".to_owned())];
+        n.log_tail = vec!["error: a < b".to_owned()];
+        n.link = Some("https://nexus.test/runs/1?a=1&b=2".to_owned());
+        n
+    }
+
+    #[test]
+    fn html_escapes_everything_it_shows() {
+        let (text, html) = bodies(&notification());
+        assert!(text.contains("Pipeline: <script>x</script>") && text.contains("    error: a < b"), "{text}");
+        assert!(!html.contains("<script>") && !html.contains("<b>"), "{html}");
+        assert!(html.contains("&lt;script&gt;x&lt;/script&gt;") && html.contains("error: a &lt; b"), "{html}");
+        assert!(html.contains("href=\"https://nexus.test/runs/1?a=1&amp;b=2\""), "{html}");
+        assert!(html.contains("step &quot;api&quot; failed"), "{html}");
+    }
+
+    #[test]
+    fn a_templated_body_is_the_text_and_the_html_shows_it_escaped() {
+        let mut n = notification();
+        n.templated = true;
+        n.body = "Deploy <failed>\nsee runbook".to_owned();
+        let (text, html) = bodies(&n);
+        assert_eq!(text, n.body);
+        assert!(html.contains("Deploy &lt;failed&gt;\nsee runbook</pre>"), "{html}");
+    }
+
+    #[test]
+    fn the_subject_is_the_prefix_and_the_title_on_one_line() {
+        let mut spec = EmailKind::example();
+        spec.host = "smtp.example.com".to_owned();
+        let notifier = EmailNotifier::new(spec).unwrap();
+        let mut n = notification();
+        n.title = "deploy\r\nBcc: x@evil.test failed".to_owned();
+        let message = notifier.message(&n).unwrap();
+        assert_eq!(message.headers().get_raw("Subject"), Some("[nexus] deploy Bcc: x@evil.test failed"));
+        assert_eq!(message.headers().get_raw("X-Nexus-Status"), Some("firing"));
+        assert!(message.headers().get_raw("Message-ID").is_some_and(|id| id.starts_with('<')));
     }
 
     #[test]

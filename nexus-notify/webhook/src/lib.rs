@@ -1,28 +1,53 @@
 //! The `webhook` notifier kind of Nexus: notifications sent as JSON to any URL.
 //!
-//! With a `signing_secret`, each request carries an HMAC-SHA256 signature of its body
-//! in `signature_header` (`sha256=<hex>`), so the receiver can tell that the message
-//! comes from Nexus and was not altered. This crate holds the kind's spec, its pure
-//! validation and its registration; the client comes in a later issue, so
-//! [`WebhookKind::build`] returns an `Unsupported` error.
+//! Each notification is one `POST` (or `PUT`) of a versioned JSON document
+//! ([`PAYLOAD_VERSION`], described in `docs/notify/webhook.md`), with the header
+//! `X-Nexus-Delivery`: an id that is the same for every attempt of one notification, so
+//! the receiver can drop duplicates. With a `signing_secret`, `signature_header` carries
+//! `t=<unix seconds>,v1=<hex>`, where `v1` is the HMAC-SHA256, keyed by the secret, of
+//! `"{t}.{body}"` (the raw body bytes): the receiver recomputes it to know that the
+//! message comes from Nexus, was not altered, and is recent.
+//!
+//! The [`http`] module is the HTTP client side the `slack` and `pagerduty` notifiers
+//! share with this one: one attempt per send, failures classified for the caller's
+//! retries (429 and 5xx retryable with `Retry-After`, other 4xx not), errors that name
+//! the host only.
+
+pub mod http;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use async_trait::async_trait;
+use hmac::{Hmac, Mac};
 use nexus_core::model::{Duration, Map};
 use nexus_core::spec::{
     MaskedValues, check_header_name, check_headers, check_positive_duration, check_secret_ref, check_url,
 };
-use nexus_core::traits::Notifier;
+use nexus_core::traits::{Notification, Notifier, Receipt};
 use nexus_core::{Catalog, ComponentKind, Error, ErrorKind, Result, SpecIssue};
+use reqwest::header::{HeaderName, HeaderValue};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub use http::redacted_url;
 
 /// The kind's name in `monitoring_registry.yaml`.
 pub const WEBHOOK_KIND: &str = "webhook";
 
 /// The header that carries the signature unless `signature_header` says otherwise.
 pub const DEFAULT_SIGNATURE_HEADER: &str = "X-Nexus-Signature-256";
+
+/// The header that carries the delivery id: the same on every attempt of one
+/// notification, different for different notifications.
+pub const DELIVERY_HEADER: &str = "X-Nexus-Delivery";
+
+/// The `version` of the JSON document sent; a change that is not a pure addition of
+/// fields bumps it.
+pub const PAYLOAD_VERSION: u32 = 1;
 
 /// The settings of a `webhook` channel.
 #[derive(Clone, Serialize, Deserialize, JsonSchema)]
@@ -39,17 +64,19 @@ pub struct WebhookSpec {
     /// are never shown in logs.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub headers: Map<String>,
-    /// Key of the HMAC-SHA256 signature of each request's body, as a reference such as
+    /// Key of the HMAC-SHA256 signature of each request, as a reference such as
     /// `{{ secrets.webhook_signing_key }}` (never a literal); requests are not signed
-    /// when absent.
+    /// when absent. The signature covers `"{t}.{body}"`: the Unix time in seconds, a dot
+    /// and the raw body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub signing_secret: Option<String>,
-    /// Header that carries the signature, as `sha256=<hex>`.
+    /// Header that carries the signature, as `t=<unix seconds>,v1=<hex HMAC-SHA256 of
+    /// "{t}.{body}">`.
     #[serde(default = "default_signature_header")]
     #[schemars(length(min = 1))]
     pub signature_header: String,
-    /// Time limit of one request.
+    /// Time limit of one request (10 s when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
 }
@@ -80,18 +107,6 @@ impl fmt::Debug for WebhookSpec {
             .field("timeout", &self.timeout)
             .finish()
     }
-}
-
-/// The URL's scheme and host only: many webhook URLs carry a token in their path or
-/// query (`https://chat.example.com/hooks/T0K3N` becomes `https://chat.example.com/***`),
-/// and credentials before the host are dropped.
-fn redacted_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "***".to_owned();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let host = rest[..end].rsplit_once('@').map_or(&rest[..end], |(_, host)| host);
-    if end == rest.len() { format!("{scheme}://{host}") } else { format!("{scheme}://{host}/***") }
 }
 
 /// The `webhook` notifier kind.
@@ -140,18 +155,153 @@ impl ComponentKind for WebhookKind {
         issues
     }
 
-    fn build(_spec: WebhookSpec) -> Result<Arc<dyn Notifier>> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "the webhook notifier's implementation is not built yet; its spec is validated",
-        )
-        .with_operation("notifier.build"))
+    fn build(spec: WebhookSpec) -> Result<Arc<dyn Notifier>> {
+        Ok(Arc::new(WebhookNotifier::new(spec)?))
     }
 }
 
 /// Registers the `webhook` notifier kind.
 pub fn register_webhook_notifier(catalog: &mut Catalog) -> Result<()> {
     catalog.notifiers.register_kind::<WebhookKind>()
+}
+
+/// The `webhook` notifier: one request per notification, signed when a key is given.
+pub struct WebhookNotifier {
+    http: http::HttpChannel,
+    url: String,
+    method: reqwest::Method,
+    headers: reqwest::header::HeaderMap,
+    signing_secret: Option<String>,
+    signature_header: HeaderName,
+}
+
+impl fmt::Debug for WebhookNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookNotifier")
+            .field("url", &redacted_url(&self.url))
+            .field("method", &self.method)
+            .field("signed", &self.signing_secret.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookNotifier {
+    /// A notifier for `spec`, whose templates are already rendered.
+    pub fn new(spec: WebhookSpec) -> Result<Self> {
+        let headers = http::header_map(WEBHOOK_KIND, spec.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let signature_header = HeaderName::from_bytes(spec.signature_header.as_bytes()).map_err(|_| {
+            Error::new(ErrorKind::InvalidConfig, format!("`{}` is not a valid header name", spec.signature_header))
+                .with_operation("notifier.build")
+                .with_context("channel", WEBHOOK_KIND)
+        })?;
+        Ok(WebhookNotifier {
+            http: http::HttpChannel::new(WEBHOOK_KIND, spec.timeout.map(Duration::get))?,
+            url: spec.url,
+            method: match spec.method {
+                Method::Post => reqwest::Method::POST,
+                Method::Put => reqwest::Method::PUT,
+            },
+            headers,
+            signing_secret: spec.signing_secret,
+            signature_header,
+        })
+    }
+}
+
+#[async_trait]
+impl Notifier for WebhookNotifier {
+    async fn send(&self, notification: &Notification) -> Result<Receipt> {
+        let body = serde_json::to_vec(&payload(notification)).expect("a JSON value serializes");
+        let mut headers = self.headers.clone();
+        let delivery = delivery_id(notification);
+        headers.insert(DELIVERY_HEADER, HeaderValue::from_str(&delivery).expect("hex is a valid header value"));
+        if let Some(secret) = &self.signing_secret {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            let mut value = HeaderValue::from_str(&signature(secret.as_bytes(), now, &body))
+                .expect("the signature is a valid header value");
+            value.set_sensitive(true);
+            headers.insert(self.signature_header.clone(), value);
+        }
+        let reply = self.http.send(self.method.clone(), &self.url, headers, body).await?;
+        if !reply.is_success() {
+            return Err(self.http.status_error(&self.url, &reply, &reply.body));
+        }
+        Ok(Receipt::new(Some(delivery), Some(notification.dedup_key.clone())))
+    }
+}
+
+/// The JSON document sent for `notification` (version [`PAYLOAD_VERSION`]).
+pub fn payload(notification: &Notification) -> Value {
+    let event = notification.event.as_ref();
+    let kind = event.map_or_else(
+        || if notification.resolve { "notification.resolved" } else { "notification" }.to_owned(),
+        |e| e.kind.clone(),
+    );
+    let at = event.map_or_else(SystemTime::now, |e| e.at);
+    let labels = event.map_or_else(|| json!({}), |e| json!(e.labels));
+    json!({
+        "version": PAYLOAD_VERSION,
+        "type": kind,
+        "title": notification.title,
+        "body": notification.body,
+        "severity": notification.severity,
+        "dedup_key": notification.dedup_key,
+        "resolve": notification.resolve,
+        "run_id": event.and_then(|e| e.run_id.clone()),
+        "pipeline": event.and_then(|e| e.pipeline.clone()),
+        "environment": event.and_then(|e| e.environment.clone()),
+        "step": event.and_then(|e| e.step.clone()),
+        "at": rfc3339(at),
+        "facts": notification.facts.iter().map(|(name, value)| json!({"name": name, "value": value})).collect::<Vec<_>>(),
+        "log_tail": notification.log_tail,
+        "link": notification.link,
+        "labels": labels,
+    })
+}
+
+/// `at` as RFC 3339 in UTC with milliseconds (`2026-11-28T09:12:39.123Z`).
+fn rfc3339(at: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The delivery id of `notification`: 32 hex digits of a SHA-256 over what identifies
+/// it (dedup key, resolve, the event's type and time, or the title and body when there
+/// is no event), so every attempt of one notification carries the same id.
+pub fn delivery_id(notification: &Notification) -> String {
+    let mut hash = Sha256::new();
+    for part in [
+        notification.dedup_key.as_str(),
+        if notification.resolve { "resolve" } else { "trigger" },
+        notification.event.as_ref().map_or("", |e| e.kind.as_str()),
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    match &notification.event {
+        Some(event) => {
+            let nanos = event.at.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+            hash.update(nanos.to_string().as_bytes());
+        }
+        None => {
+            hash.update(notification.title.as_bytes());
+            hash.update([0]);
+            hash.update(notification.body.as_bytes());
+        }
+    }
+    hex(&hash.finalize()[..16])
+}
+
+/// The signature header's value: `t=<timestamp>,v1=<hex HMAC-SHA256(secret, "{t}.{body}")>`.
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={timestamp},v1={}", hex(&mac.finalize().into_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -170,7 +320,7 @@ mod tests {
         nexus_testkit::example_is_valid::<WebhookKind>();
         nexus_testkit::schema_fields_are_documented::<WebhookKind>();
         nexus_testkit::unknown_field_is_refused::<WebhookKind>("secret");
-        nexus_testkit::build_is_unsupported::<WebhookKind>();
+        nexus_testkit::notifier::builds::<WebhookKind>(json!({"signing_secret": "s1gn1ng-s3cr3t"}));
         nexus_testkit::registers_once::<WebhookKind>(register_webhook_notifier);
     }
 
@@ -221,6 +371,39 @@ mod tests {
     #[test]
     fn timeout_must_be_positive() {
         check(json!({"timeout": "0s"}), &["timeout"], "longer than zero");
+    }
+
+    #[test]
+    fn signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // The vector of docs/notify/webhook.md, computed with Python's hmac and with
+        // `openssl dgst -sha256 -hmac`.
+        assert_eq!(
+            signature(b"whsec-test", 1_700_000_000, br#"{"version":1}"#),
+            "t=1700000000,v1=274fa19a2b82656d91420a4e63c58e236ebef72fa5a30d4eae149450e313ba4c"
+        );
+    }
+
+    #[test]
+    fn delivery_id_is_stable_per_notification() {
+        use nexus_core::model::Severity;
+        let a = Notification::new("t", "b", Severity::Error, "k");
+        assert_eq!(delivery_id(&a), delivery_id(&a.clone()));
+        let mut resolved = a.clone();
+        resolved.resolve = true;
+        assert_ne!(delivery_id(&a), delivery_id(&resolved));
+        assert_eq!(delivery_id(&a).len(), 32);
+    }
+
+    #[test]
+    fn payload_without_an_event_has_every_field() {
+        use nexus_core::model::Severity;
+        let mut n = Notification::new("Deploy failed", "step api failed", Severity::Critical, "shop/deploy/prod");
+        n.facts.push(("Pipeline".to_owned(), "deploy".to_owned()));
+        let p = payload(&n);
+        assert_eq!(p.as_object().unwrap().len(), 16, "{p}");
+        assert_eq!((&p["version"], &p["type"], &p["at"].is_string()), (&json!(1), &json!("notification"), &true));
+        assert_eq!(p["severity"], "critical");
+        assert_eq!(p["facts"][0], json!({"name": "Pipeline", "value": "deploy"}));
     }
 
     #[test]
