@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use nexus_core::engine::{Engine, InterruptedPolicy, Interrupts, Recovered, RunOutcome};
 use nexus_core::model::{Map, Ssot};
+use nexus_core::notify::Notifications;
 use nexus_core::plan::{Plan, PlanRequest, config_digest, plan, to_dot, to_mermaid, upstream};
 use nexus_core::state::sqlite::SqliteStore;
 use nexus_core::state::{RunStatus, StateStore, StepStatus};
@@ -152,17 +153,31 @@ fn interrupts() -> Interrupts {
     interrupts
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
 }
+
+/// How long a finished run waits for its notifications to be delivered (retries
+/// included) before the process exits.
+const NOTIFY_GRACE: std::time::Duration = std::time::Duration::from_secs(150);
 
 /// Runs `run_id` to its end with progress output; returns the exit code.
 fn drive(engine: &Engine, run_id: &str, plan: &Plan, recovered: Recovered, output: Output) -> u8 {
     let rt = runtime();
     let result: nexus_core::Result<RunOutcome> = rt.block_on(async {
         let display = progress::Display::start(engine, plan, run_id, output);
+        let notifications = Notifications::start(engine);
         let outcome = engine.execute(run_id, plan, recovered, interrupts()).await;
         display.stop().await;
+        if let Some(notifications) = notifications {
+            let summary = notifications.finish(NOTIFY_GRACE).await;
+            if summary.unfinished > 0 {
+                eprintln!(
+                    "warning: notifications still being sent after {}s were abandoned; `nexus show {run_id}` lists them",
+                    NOTIFY_GRACE.as_secs()
+                );
+            }
+        }
         outcome
     });
     match result {

@@ -111,6 +111,8 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
     let attempts = store.attempts(run_id).unwrap_or_default();
     let events = store.events(run_id).unwrap_or_default();
     let approvals = store.approvals(run_id).unwrap_or_default();
+    let deliveries = store.deliveries(run_id).unwrap_or_default();
+    let targets = store.targets(run_id).unwrap_or_default();
     if output == Output::Json {
         let mut run_json = serde_json::to_value(&run).unwrap_or_default();
         if let Some(obj) = run_json.as_object_mut() {
@@ -118,6 +120,7 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
         }
         let doc = serde_json::json!({
             "run": run_json, "steps": steps, "attempts": attempts, "events": events, "approvals": approvals,
+            "targets": targets, "notifications": deliveries,
         });
         outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return EXIT_OK;
@@ -154,12 +157,50 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
                 a.number,
                 a.error.as_deref().unwrap_or("")
             );
+            for t in targets.iter().filter(|t| t.step_id == a.step_id && t.number == a.number && t.kind == a.kind) {
+                let status = if t.skipped {
+                    "not-started".to_owned()
+                } else {
+                    serde_json::to_value(t.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+                };
+                let exit = t
+                    .exit_code
+                    .map(|c| format!("exit {c}"))
+                    .or(t.signal.map(|s| format!("signal {s}")))
+                    .unwrap_or_default();
+                outln!(
+                    "      {:<20} {status:<11} {exit:<8} {}  log: {}",
+                    t.target,
+                    t.error.as_deref().unwrap_or(""),
+                    t.log_path
+                );
+            }
         }
     }
     if !events.is_empty() {
         outln!("\nevents:");
         for e in &events {
             outln!("  {} {:<20} {}", time(e.at), e.kind, e.message);
+        }
+    }
+    if !deliveries.is_empty() {
+        outln!("\nnotifications:");
+        for d in &deliveries {
+            let status =
+                serde_json::to_value(d.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let attempts = match d.attempts {
+                0 => String::new(),
+                1 => "1 attempt".to_owned(),
+                n => format!("{n} attempts"),
+            };
+            let detail = d.error.as_deref().or(d.receipt.as_deref()).unwrap_or("");
+            outln!(
+                "  {} {:<14} → {:<14} {status:<10} {attempts:<10} (route {}) {detail}",
+                time(d.created_at),
+                d.event_kind,
+                d.channel,
+                d.route
+            );
         }
     }
     EXIT_OK

@@ -31,6 +31,8 @@ mod catalog;
 mod exec;
 mod init;
 mod inspect;
+mod notify;
+mod plugins;
 mod progress;
 mod render;
 
@@ -73,6 +75,10 @@ struct Cli {
     /// Directory of the state store (runs, logs).
     #[arg(long, global = true, default_value = ".nexus", env = "NEXUS_STATE")]
     state: PathBuf,
+    /// Directory of plugin libraries (repeatable); searched before `NEXUS_PLUGIN_PATH`
+    /// (colon-separated) and the orchestration registry's `plugins.dirs`.
+    #[arg(long = "plugins", global = true, value_name = "DIR")]
+    plugins: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -236,6 +242,15 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// List the plugin libraries loaded (file, kinds, ABI and SDK versions) and why any
+    /// was refused.
+    #[command(
+        after_help = "Examples:\n  nexus plugins --plugins target/release\n  NEXUS_PLUGIN_PATH=/opt/nexus/plugins nexus plugins --output json\n\nExit codes: 0 all loaded, 2 a library was refused or a kind clashes."
+    )]
+    Plugins,
+    /// Notification channels.
+    #[command(subcommand)]
+    Notify(NotifyCommand),
     /// Write a small, valid, commented starter set of the five registries.
     #[command(
         after_help = "Examples:\n  nexus init                   write config/ssot/\n  nexus init ops/ssot\n  nexus validate --config ops/ssot"
@@ -249,11 +264,29 @@ enum Command {
     },
 }
 
+/// `nexus notify …`.
+#[derive(Subcommand)]
+enum NotifyCommand {
+    /// Send a test message to a channel and report the receipt or the exact error.
+    #[command(
+        after_help = "Examples:\n  nexus notify test ops-slack\n  nexus notify test oncall --env prod\n\nExit codes: 0 delivered, 1 not delivered, 2 invalid configuration."
+    )]
+    Test {
+        /// The channel (a key of `channels` in monitoring_registry.yaml).
+        channel: String,
+        /// Environment whose secrets the channel's spec reads (default: `defaults.environment`).
+        #[arg(long)]
+        env: Option<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    plugins::configure(&cli.plugins, &cli.config);
     let code = match &cli.command {
         Command::Validate { env } => cmd_validate(&cli, env.clone()),
         Command::Schema { out, check } => cmd_schema(out, *check),
+        Command::Plugins => plugins::cmd_plugins(cli.output),
         Command::Init { dir, force } => init::run(dir.as_deref().unwrap_or(&cli.config), *force),
         Command::Plan { pipeline, env, params, save } => {
             exec::cmd_plan(&cli.config, cli.output, pipeline.as_deref(), env.as_deref(), params, save.as_deref())
@@ -286,6 +319,7 @@ fn main() -> ExitCode {
         Command::Runs { pipeline, status, limit } => {
             inspect::cmd_runs(&cli.state, cli.output, pipeline.clone(), status.clone(), *limit)
         }
+        Command::Notify(NotifyCommand::Test { channel, env }) => notify::cmd_test(&cli.config, channel, env.as_deref()),
         Command::Show { run } => inspect::cmd_show(&cli.state, cli.output, run),
         Command::Logs { run, step, follow } => inspect::cmd_logs(&cli.state, cli.output, run, step.as_deref(), *follow),
     };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nexus_core::engine::{Engine, RunOutcome};
 use nexus_core::plan::{Plan, PlannedAction};
-use nexus_core::state::{StateStore, StepRecord, StepStatus};
+use nexus_core::state::{DeliveryStatus, StateStore, StepRecord, StepStatus};
 use nexus_core::traits::Event;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -229,12 +229,14 @@ pub fn steps_table(steps: &[StepRecord]) -> String {
 /// Prints the end-of-run summary.
 pub fn summary(store: &dyn StateStore, outcome: &RunOutcome, output: Output) {
     let steps = store.steps(&outcome.run_id).unwrap_or_default();
+    let deliveries = store.deliveries(&outcome.run_id).unwrap_or_default();
     if output == Output::Json {
         let doc = serde_json::json!({
             "run": outcome.run_id,
             "status": outcome.status,
             "error": outcome.error,
             "steps": steps,
+            "notifications": deliveries,
         });
         outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return;
@@ -245,6 +247,19 @@ pub fn summary(store: &dyn StateStore, outcome: &RunOutcome, output: Output) {
     match &outcome.error {
         Some(e) => eprintln!("\nrun {} {verdict}: {e}", outcome.run_id),
         None => eprintln!("\nrun {} {verdict}", outcome.run_id),
+    }
+    for d in &deliveries {
+        match d.status {
+            DeliveryStatus::Sent => eprintln!("notified {} of {} (route {})", d.channel, d.event_kind, d.route),
+            DeliveryStatus::Failed => eprintln!(
+                "warning: could not notify {} of {} after {} attempt(s): {}",
+                d.channel,
+                d.event_kind,
+                d.attempts,
+                d.error.as_deref().unwrap_or("unknown error")
+            ),
+            DeliveryStatus::Sending | DeliveryStatus::Suppressed => {}
+        }
     }
     eprintln!("details: nexus show {}   logs: nexus logs {}", outcome.run_id, outcome.run_id);
 }
