@@ -139,31 +139,46 @@ fn check_pagerduty(req: &nexus_testkit::http::Request) -> Result<(), String> {
     Ok(())
 }
 
+/// Two receivers (PagerDuty, checked against its contract; the webhook), scripted by
+/// `script`, and a config directory pointing at them.
+struct World {
+    _rt: tokio::runtime::Runtime,
+    pagerduty: Receiver,
+    webhook: Receiver,
+    _tmp: tempfile::TempDir,
+    config: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+fn world(script: impl FnOnce(&Receiver, &Receiver)) -> World {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (pagerduty, webhook) = rt.block_on(async { (Receiver::start().await, Receiver::start().await) });
+    pagerduty.check(check_pagerduty);
+    script(&pagerduty, &webhook);
+    let tmp = tempfile::tempdir().unwrap();
+    let (config_dir, state) = (tmp.path().join("ssot"), tmp.path().join("state"));
+    std::fs::create_dir_all(&config_dir).unwrap();
+    config(&config_dir, &pagerduty.url("/v2/enqueue"), &webhook.url("/hooks/nexus"));
+    World { _rt: rt, pagerduty, webhook, _tmp: tmp, config: config_dir, state }
+}
+
 fn pagerduty_accepts() -> Reply {
     Reply::json(202, &serde_json::json!({"status": "success", "message": "Event processed", "dedup_key": "x"}))
 }
 
 #[test]
 fn a_failing_run_alerts_once_per_route_and_the_next_success_resolves_it() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let (pagerduty, webhook) = rt.block_on(async {
-        let pagerduty = Receiver::start().await;
-        pagerduty.check(check_pagerduty);
+    let w = world(|pagerduty, webhook| {
         pagerduty.answer(pagerduty_accepts());
-        let webhook = Receiver::start().await;
         webhook.answer(Reply::new(200, "ok"));
-        (pagerduty, webhook)
     });
-    let tmp = tempfile::tempdir().unwrap();
-    let (config_dir, state) = (tmp.path().join("ssot"), tmp.path().join("state"));
-    std::fs::create_dir_all(&config_dir).unwrap();
-    config(&config_dir, &pagerduty.url("/v2/enqueue"), &webhook.url("/hooks/nexus"));
+    let (pagerduty, webhook, config_dir, state) = (&w.pagerduty, &w.webhook, &w.config, &w.state);
 
-    let (code, _, stderr) = nexus(&config_dir, &state, &["validate"]);
+    let (code, _, stderr) = nexus(config_dir, state, &["validate"]);
     assert_eq!(code, 0, "{stderr}");
 
     // 1. The failing run: 4 attempts, then the run fails.
-    let (code, _, stderr) = nexus(&config_dir, &state, &["run"]);
+    let (code, _, stderr) = nexus(config_dir, state, &["run"]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("notified oncall of run.failed (route page)"), "{stderr}");
     assert!(stderr.contains("notified audit of step.retrying (route audit)"), "{stderr}");
@@ -184,7 +199,7 @@ fn a_failing_run_alerts_once_per_route_and_the_next_success_resolves_it() {
 
     // 2. The next run succeeds: a recovery on both routes; PagerDuty resolves the
     // incident with the same dedup_key.
-    let (code, _, stderr) = nexus(&config_dir, &state, &["run", "--param", "outcome=pass"]);
+    let (code, _, stderr) = nexus(config_dir, state, &["run", "--param", "outcome=pass"]);
     assert_eq!(code, 0, "{stderr}");
     let pd = pagerduty.requests();
     assert_eq!(pd.len(), 2, "{pd:#?}");
@@ -202,40 +217,32 @@ fn a_failing_run_alerts_once_per_route_and_the_next_success_resolves_it() {
     }
 
     // `nexus show` lists the deliveries of the failing run: sent, and the grouped ones.
-    let (_, runs, _) = nexus(&config_dir, &state, &["runs", "--output", "json"]);
+    let (_, runs, _) = nexus(config_dir, state, &["runs", "--output", "json"]);
     let runs: Value = serde_json::from_str(&runs).unwrap();
     let failed_run = runs.as_array().unwrap().iter().find(|r| r["status"] == "failed").unwrap()["id"].clone();
-    let (_, show, _) = nexus(&config_dir, &state, &["show", failed_run.as_str().unwrap(), "--output", "json"]);
+    let (_, show, _) = nexus(config_dir, state, &["show", failed_run.as_str().unwrap(), "--output", "json"]);
     let show: Value = serde_json::from_str(&show).unwrap();
     let deliveries = show["notifications"].as_array().unwrap();
     let sent = deliveries.iter().filter(|d| d["status"] == "sent").count();
     let suppressed = deliveries.iter().filter(|d| d["status"] == "suppressed").count();
     assert_eq!((sent, suppressed), (2, 4), "{deliveries:#?}");
-    let (_, text, _) = nexus(&config_dir, &state, &["show", failed_run.as_str().unwrap()]);
+    let (_, text, _) = nexus(config_dir, state, &["show", failed_run.as_str().unwrap()]);
     assert!(text.contains("notifications:") && text.contains("grouped into delivery #"), "{text}");
 }
 
 #[test]
 fn a_failed_delivery_is_retried_then_reported_without_failing_the_run() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let (pagerduty, webhook) = rt.block_on(async {
-        let pagerduty = Receiver::start().await;
-        pagerduty.check(check_pagerduty);
+    let w = world(|pagerduty, webhook| {
         // 500, then 429 with Retry-After: 1, then accepted.
         pagerduty.push(Reply::new(500, "oops"));
         pagerduty.push(Reply::new(429, "slow down").header("Retry-After", "1"));
         pagerduty.answer(pagerduty_accepts());
-        let webhook = Receiver::start().await;
         webhook.answer(Reply::new(400, "no such hook"));
-        (pagerduty, webhook)
     });
-    let tmp = tempfile::tempdir().unwrap();
-    let (config_dir, state) = (tmp.path().join("ssot"), tmp.path().join("state"));
-    std::fs::create_dir_all(&config_dir).unwrap();
-    config(&config_dir, &pagerduty.url("/v2/enqueue"), &webhook.url("/hooks/nexus"));
+    let (pagerduty, webhook, config_dir, state) = (&w.pagerduty, &w.webhook, &w.config, &w.state);
 
     let started = std::time::Instant::now();
-    let (code, _, stderr) = nexus(&config_dir, &state, &["run"]);
+    let (code, _, stderr) = nexus(config_dir, state, &["run"]);
     // The run's own verdict (failed: its step failed), not the notifications'.
     assert_eq!(code, 1, "{stderr}");
     assert!(started.elapsed() >= std::time::Duration::from_secs(1), "Retry-After was not honoured");
@@ -245,38 +252,30 @@ fn a_failed_delivery_is_retried_then_reported_without_failing_the_run() {
     assert!(stderr.contains("notified oncall of run.failed"), "{stderr}");
 
     // A successful run is not failed by a dead channel either.
-    let (code, _, stderr) = nexus(&config_dir, &state, &["run", "--param", "outcome=pass"]);
+    let (code, _, stderr) = nexus(config_dir, state, &["run", "--param", "outcome=pass"]);
     assert_eq!(code, 0, "{stderr}");
 }
 
 #[test]
 fn notify_test_reports_the_receipt_or_the_exact_error() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let (pagerduty, webhook) = rt.block_on(async {
-        let pagerduty = Receiver::start().await;
-        pagerduty.check(check_pagerduty);
+    let w = world(|pagerduty, webhook| {
         pagerduty.answer(pagerduty_accepts());
-        let webhook = Receiver::start().await;
         webhook.answer(Reply::new(403, "forbidden: bad signature"));
-        (pagerduty, webhook)
     });
-    let tmp = tempfile::tempdir().unwrap();
-    let (config_dir, state) = (tmp.path().join("ssot"), tmp.path().join("state"));
-    std::fs::create_dir_all(&config_dir).unwrap();
-    config(&config_dir, &pagerduty.url("/v2/enqueue"), &webhook.url("/hooks/nexus"));
+    let (pagerduty, config_dir, state) = (&w.pagerduty, &w.config, &w.state);
 
-    let (code, stdout, stderr) = nexus(&config_dir, &state, &["notify", "test", "oncall"]);
+    let (code, stdout, stderr) = nexus(config_dir, state, &["notify", "test", "oncall"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("sent a test message to `oncall` (pagerduty)"), "{stdout}");
     assert_eq!(pagerduty.requests().len(), 1);
     assert!(pagerduty.violations().is_empty(), "{:?}", pagerduty.violations());
 
-    let (code, _, stderr) = nexus(&config_dir, &state, &["notify", "test", "audit"]);
+    let (code, _, stderr) = nexus(config_dir, state, &["notify", "test", "audit"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("the test message to `audit` was not delivered") && stderr.contains("403"), "{stderr}");
     assert!(!stderr.contains("whsec-test-key"), "{stderr}");
 
-    let (code, _, stderr) = nexus(&config_dir, &state, &["notify", "test", "audti"]);
+    let (code, _, stderr) = nexus(config_dir, state, &["notify", "test", "audti"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("did you mean `audit`?"), "{stderr}");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Map, Severity};
 
 /// What an attempt executes.
@@ -86,6 +86,31 @@ impl Task {
             working_dir: None,
             timeout: None,
         }
+    }
+
+    /// An error about this attempt, raised by the runner of kind `runner`: the message
+    /// reads ``step `ID` (attempt N): WHAT``, the operation is `runner.run`, and the
+    /// run, step and runner are its context.
+    pub fn error(&self, kind: ErrorKind, runner: &'static str, what: impl fmt::Display) -> Error {
+        Error::new(kind, format!("step `{}` (attempt {}): {what}", self.step_id, self.attempt))
+            .with_operation("runner.run")
+            .with_context("runner", runner)
+            .with_context("run", &self.run_id)
+            .with_context("step", &self.step_id)
+    }
+
+    /// `e`, raised by a helper that did not know the attempt, now about this attempt:
+    /// the same kind, retryability and context, the message prefixed as by
+    /// [`Task::error`].
+    pub fn rescope(&self, e: Error) -> Error {
+        let mut error =
+            Error::new(e.kind(), format!("step `{}` (attempt {}): {}", self.step_id, self.attempt, e.message()))
+                .with_operation("runner.run")
+                .set_retryable(e.is_retryable());
+        for (key, value) in e.context() {
+            error = error.with_context(key, value);
+        }
+        error.with_context("run", &self.run_id).with_context("step", &self.step_id)
     }
 }
 

@@ -457,7 +457,7 @@ impl DockerRunner {
         logs: &dyn LogSink,
         container: &mut Container,
     ) -> Result<Prepared> {
-        let docker = self.client().await.map_err(|e| with_step(e, task))?;
+        let docker = self.client().await.map_err(|e| task.rescope(e))?;
         self.ensure_image(docker, task, &plan.image, logs).await?;
         let output_dir = if self.host_is_local() { Some(self.output_dir(task)?) } else { None };
         let body = self.container_body(task, plan, output_dir.as_ref());
@@ -848,23 +848,8 @@ fn container_name(task: &Task, n: u64) -> String {
 }
 
 /// An error about the attempt of `task`.
-fn step_error(kind: ErrorKind, task: &Task, what: impl fmt::Display) -> Error {
-    Error::new(kind, format!("step `{}` (attempt {}): {what}", task.step_id, task.attempt))
-        .with_operation("runner.run")
-        .with_context("runner", DOCKER_KIND)
-        .with_context("run", &task.run_id)
-        .with_context("step", &task.step_id)
-}
-
-/// A daemon error, now about the attempt of `task`.
-fn with_step(e: Error, task: &Task) -> Error {
-    let mut error =
-        Error::new(e.kind(), format!("step `{}` (attempt {}): {}", task.step_id, task.attempt, e.message()))
-            .with_operation("runner.run");
-    for (key, value) in e.context() {
-        error = error.with_context(key, value);
-    }
-    error.with_context("run", &task.run_id).with_context("step", &task.step_id)
+fn step_error(kind: ErrorKind, task: &Task, what: impl std::fmt::Display) -> Error {
+    task.error(kind, DOCKER_KIND, what)
 }
 
 #[cfg(test)]

@@ -586,23 +586,8 @@ pub fn label_value(text: &str) -> String {
 }
 
 /// An error about the attempt of `task`.
-fn step_error(kind: ErrorKind, task: &Task, what: impl fmt::Display) -> Error {
-    Error::new(kind, format!("step `{}` (attempt {}): {what}", task.step_id, task.attempt))
-        .with_operation("runner.run")
-        .with_context("runner", KUBERNETES_KIND)
-        .with_context("run", &task.run_id)
-        .with_context("step", &task.step_id)
-}
-
-/// `e`, now about the attempt of `task`.
-fn with_step(e: Error, task: &Task) -> Error {
-    let mut error =
-        Error::new(e.kind(), format!("step `{}` (attempt {}): {}", task.step_id, task.attempt, e.message()))
-            .with_operation("runner.run");
-    for (key, value) in e.context() {
-        error = error.with_context(key, value);
-    }
-    error.with_context("run", &task.run_id).with_context("step", &task.step_id)
+fn step_error(kind: ErrorKind, task: &Task, what: impl std::fmt::Display) -> Error {
+    task.error(kind, KUBERNETES_KIND, what)
 }
 
 /// Sleeps until `deadline`, or forever when there is none.
@@ -740,7 +725,7 @@ impl Runner for KubernetesRunner {
             biased;
             () = cancel.cancelled() => return Err(step_error(ErrorKind::Cancelled, task, "cancelled while connecting to the cluster")),
             () = sleep_until_some(deadline) => return Err(self.stopped_error(task, &Stop::TimedOut, &names, "nothing was created")),
-            cluster = self.cluster() => cluster.map_err(|e| with_step(e, task))?,
+            cluster = self.cluster() => cluster.map_err(|e| task.rescope(e))?,
         };
         let mut created = Created {
             cluster: Some(cluster.clone()),
@@ -838,16 +823,17 @@ impl KubernetesRunner {
         if let Some(secret) = secret {
             created.secret_sent.store(true, Ordering::Relaxed);
             self.secrets(cluster).create(&PostParams::default(), &secret).await.map_err(|e| {
-                with_step(api_error(cluster, e, &at(&format!("cannot create the Secret `{}`", names.job))), task)
+                task.rescope(api_error(cluster, e, &at(&format!("cannot create the Secret `{}`", names.job))))
                     .with_context("namespace", &self.spec.namespace)
             })?;
         }
         created.job_sent.store(true, Ordering::Relaxed);
         self.jobs(cluster).create(&PostParams::default(), &job).await.map_err(|e| {
-            with_step(
-                api_error(cluster, e, &at(&format!("cannot create the Job `{}` of image `{image}`", names.job))),
-                task,
-            )
+            task.rescope(api_error(
+                cluster,
+                e,
+                &at(&format!("cannot create the Job `{}` of image `{image}`", names.job)),
+            ))
             .with_context("namespace", &self.spec.namespace)
             .with_context("job", &names.job)
             .with_context("image", &image)
@@ -855,7 +841,7 @@ impl KubernetesRunner {
         let started = SystemTime::now();
         let pod = self.wait_started(cluster, task, names, &image, follow.logs).await?;
         let pod_error = |e: Error| {
-            with_step(e, task)
+            task.rescope(e)
                 .with_context("namespace", &self.spec.namespace)
                 .with_context("job", &names.job)
                 .with_context("pod", &pod)
@@ -940,10 +926,11 @@ impl KubernetesRunner {
         };
         loop {
             let list = pods.list(&selector).await.map_err(|e| {
-                with_step(
-                    api_error(cluster, e, &format!("cannot list the pods of Job `{}` in namespace `{ns}`", names.job)),
-                    task,
-                )
+                task.rescope(api_error(
+                    cluster,
+                    e,
+                    &format!("cannot list the pods of Job `{}` in namespace `{ns}`", names.job),
+                ))
             })?;
             match list.items.first() {
                 Some(pod) => {

@@ -289,11 +289,7 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 
 /// An error about the attempt of `task`.
 fn step_error(kind: ErrorKind, task: &Task, what: impl std::fmt::Display) -> Error {
-    Error::new(kind, format!("step `{}` (attempt {}): {what}", task.step_id, task.attempt))
-        .with_operation("runner.run")
-        .with_context("runner", LOCAL_KIND)
-        .with_context("run", &task.run_id)
-        .with_context("step", &task.step_id)
+    task.error(kind, LOCAL_KIND, what)
 }
 
 fn spawn_error(task: &Task, program: &str, e: std::io::Error) -> Error {
