@@ -14,7 +14,7 @@
 mod events;
 pub mod logs;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -524,6 +524,9 @@ struct RunState {
     failure: Option<String>,
     redactor: Redactor,
     finished_counter: u64,
+    /// Steps that became final since the scheduler last looked (to prune its open set
+    /// without scanning it).
+    just_finished: Vec<String>,
     deadline: Option<Instant>,
 }
 
@@ -559,6 +562,7 @@ impl RunState {
             failure: None,
             redactor,
             finished_counter: 0,
+            just_finished: Vec::new(),
             deadline,
         }
     }
@@ -697,23 +701,23 @@ impl RunState {
 
     /// Runs a list of steps as a DAG until every one is final.
     async fn run_dag(&mut self, steps: &[PlannedStep]) -> Result<()> {
-        let ids: HashSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
-        // The steps not final yet, in declaration order; pruned when a step finishes.
-        let mut open: Vec<usize> = (0..steps.len()).collect();
-        let mut pruned_at = u64::MAX;
+        let position: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        // The steps not final yet, in declaration order; a step is removed when it
+        // becomes final (`just_finished`), so a pass costs what is open, not the DAG.
+        let mut open: BTreeSet<usize> =
+            (0..steps.len()).filter(|&i| !self.nodes[&steps[i].id].status.is_final()).collect();
+        self.just_finished.clear();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if pruned_at != self.finished_counter {
-                open.retain(|&i| !self.nodes[&steps[i].id].status.is_final());
-                pruned_at = self.finished_counter;
-            }
+            self.prune(&position, &mut open);
             if !self.cancelled {
                 self.schedule(steps, &open).await?;
-                if pruned_at != self.finished_counter {
-                    open.retain(|&i| !self.nodes[&steps[i].id].status.is_final());
-                    pruned_at = self.finished_counter;
-                }
+                self.prune(&position, &mut open);
+            }
+            if self.running.is_empty() && !open.is_empty() {
+                // Nothing runs: before waiting, make sure no final step is left over.
+                open.retain(|&i| !self.nodes[&steps[i].id].status.is_final());
             }
             if open.is_empty() && self.running.is_empty() {
                 return Ok(());
@@ -730,7 +734,7 @@ impl RunState {
             tokio::select! {
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
                     let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
-                    if ids.contains(done.step.as_str()) {
+                    if position.contains_key(done.step.as_str()) {
                         self.attempt_done(steps, done)?;
                     }
                 }
@@ -753,6 +757,15 @@ impl RunState {
                     }
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// Removes from `open` the steps that became final since the last call.
+    fn prune(&mut self, position: &HashMap<&str, usize>, open: &mut BTreeSet<usize>) {
+        for id in self.just_finished.drain(..) {
+            if let Some(i) = position.get(id.as_str()) {
+                open.remove(i);
             }
         }
     }
@@ -828,7 +841,7 @@ impl RunState {
     }
 
     /// Starts every step that can start.
-    async fn schedule(&mut self, steps: &[PlannedStep], open: &[usize]) -> Result<()> {
+    async fn schedule(&mut self, steps: &[PlannedStep], open: &BTreeSet<usize>) -> Result<()> {
         let now = Instant::now();
         for step in open.iter().map(|&i| &steps[i]) {
             if self.running.len() >= self.plan.parallelism as usize {
@@ -1228,6 +1241,7 @@ impl RunState {
         attempt: Option<&AttemptRecord>,
     ) -> Result<()> {
         self.finished_counter += 1;
+        self.just_finished.push(step.id.clone());
         let node = self.nodes.get_mut(&step.id).expect("node");
         node.status = status;
         node.not_before = None;
