@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use nexus_core::engine::{Engine, InterruptedPolicy, Interrupts, Recovered, RunOutcome};
+use nexus_core::engine::{Engine, InterruptedPolicy, Interrupts, Recovered};
 use nexus_core::model::{Map, Ssot};
 use nexus_core::notify::Notifications;
 use nexus_core::plan::{Plan, PlanRequest, config_digest, plan, to_dot, to_mermaid, upstream};
@@ -164,25 +164,35 @@ const NOTIFY_GRACE: std::time::Duration = std::time::Duration::from_secs(150);
 /// Runs `run_id` to its end with progress output; returns the exit code.
 fn drive(engine: &Engine, run_id: &str, plan: &Plan, recovered: Recovered, output: Output) -> u8 {
     let rt = runtime();
-    let result: nexus_core::Result<RunOutcome> = rt.block_on(async {
+    let (result, notifications) = rt.block_on(async {
         let display = progress::Display::start(engine, plan, run_id, output);
         let notifications = Notifications::start(engine);
         let outcome = engine.execute(run_id, plan, recovered, interrupts()).await;
         display.stop().await;
-        if let Some(notifications) = notifications {
-            let summary = notifications.finish(NOTIFY_GRACE).await;
-            if summary.unfinished > 0 {
-                eprintln!(
-                    "warning: notifications still being sent after {}s were abandoned; `nexus show {run_id}` lists them",
-                    NOTIFY_GRACE.as_secs()
-                );
-            }
-        }
-        outcome
+        (outcome, notifications)
     });
+    // The verdict is shown at once; the notifications, still being sent in the
+    // background, are waited for (and reported) after it.
+    let finish_notifications = |notifications: Option<Notifications>| {
+        let Some(notifications) = notifications else { return };
+        if rt.block_on(notifications.finish(NOTIFY_GRACE)).unfinished > 0 {
+            eprintln!(
+                "warning: notifications still being sent after {}s were abandoned; `nexus show {run_id}` lists them",
+                NOTIFY_GRACE.as_secs()
+            );
+        }
+    };
     match result {
         Ok(outcome) => {
-            progress::summary(engine.store().as_ref(), &outcome, output);
+            let store = engine.store().as_ref();
+            if output == Output::Json {
+                finish_notifications(notifications);
+                progress::summary(store, &outcome, output);
+            } else {
+                progress::summary(store, &outcome, output);
+                finish_notifications(notifications);
+                progress::deliveries(store, &outcome.run_id);
+            }
             match outcome.status {
                 // A run skipped by its concurrency group did what the policy asked.
                 RunStatus::Succeeded | RunStatus::Skipped => EXIT_OK,
@@ -190,6 +200,7 @@ fn drive(engine: &Engine, run_id: &str, plan: &Plan, recovered: Recovered, outpu
             }
         }
         Err(e) => {
+            finish_notifications(notifications);
             eprintln!("error: {e}");
             EXIT_INTERNAL
         }

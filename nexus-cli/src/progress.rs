@@ -229,8 +229,8 @@ pub fn steps_table(steps: &[StepRecord]) -> String {
 /// Prints the end-of-run summary.
 pub fn summary(store: &dyn StateStore, outcome: &RunOutcome, output: Output) {
     let steps = store.steps(&outcome.run_id).unwrap_or_default();
-    let deliveries = store.deliveries(&outcome.run_id).unwrap_or_default();
     if output == Output::Json {
+        let deliveries = store.deliveries(&outcome.run_id).unwrap_or_default();
         let doc = serde_json::json!({
             "run": outcome.run_id,
             "status": outcome.status,
@@ -248,7 +248,12 @@ pub fn summary(store: &dyn StateStore, outcome: &RunOutcome, output: Output) {
         Some(e) => eprintln!("\nrun {} {verdict}: {e}", outcome.run_id),
         None => eprintln!("\nrun {} {verdict}", outcome.run_id),
     }
-    for d in &deliveries {
+    eprintln!("details: nexus show {}   logs: nexus logs {}", outcome.run_id, outcome.run_id);
+}
+
+/// One line per notification of the run that was sent or given up on.
+pub fn deliveries(store: &dyn StateStore, run_id: &str) {
+    for d in store.deliveries(run_id).unwrap_or_default() {
         match d.status {
             DeliveryStatus::Sent => eprintln!("notified {} of {} (route {})", d.channel, d.event_kind, d.route),
             DeliveryStatus::Failed => eprintln!(
@@ -261,7 +266,6 @@ pub fn summary(store: &dyn StateStore, outcome: &RunOutcome, output: Output) {
             DeliveryStatus::Sending | DeliveryStatus::Suppressed => {}
         }
     }
-    eprintln!("details: nexus show {}   logs: nexus logs {}", outcome.run_id, outcome.run_id);
 }
 
 /// `nexus plan` as text.
