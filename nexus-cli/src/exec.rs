@@ -164,6 +164,8 @@ const NOTIFY_GRACE: std::time::Duration = std::time::Duration::from_secs(150);
 /// Runs `run_id` to its end with progress output; returns the exit code.
 fn drive(engine: &Engine, run_id: &str, plan: &Plan, recovered: Recovered, output: Output) -> u8 {
     let rt = runtime();
+    // A resumed run lists only the notifications of this process.
+    let started = nexus_core::state::now_millis();
     let (result, notifications) = rt.block_on(async {
         let display = progress::Display::start(engine, plan, run_id, output);
         let notifications = Notifications::start(engine);
@@ -191,7 +193,7 @@ fn drive(engine: &Engine, run_id: &str, plan: &Plan, recovered: Recovered, outpu
             } else {
                 progress::summary(store, &outcome, output);
                 finish_notifications(notifications);
-                progress::deliveries(store, &outcome.run_id);
+                progress::deliveries(store, &outcome.run_id, started);
             }
             match outcome.status {
                 // A run skipped by its concurrency group did what the policy asked.
@@ -506,7 +508,18 @@ pub fn cmd_rollback(config: &Path, state: &Path, run_id: &str) -> u8 {
     };
     let engine = Engine::new(loaded.ssot.clone(), loaded.catalog.clone(), store, state.to_owned());
     let rt = runtime();
-    match rt.block_on(engine.rollback_run(run_id, &plan, &order)) {
+    let started = nexus_core::state::now_millis();
+    // Rollback events go through the notification routes too (`step.rolled-back`).
+    let result = rt.block_on(async {
+        let notifications = Notifications::start(&engine);
+        let result = engine.rollback_run(run_id, &plan, &order).await;
+        if let Some(notifications) = notifications {
+            notifications.finish(NOTIFY_GRACE).await;
+        }
+        result
+    });
+    progress::deliveries(engine.store().as_ref(), run_id, started);
+    match result {
         Ok(results) if results.is_empty() => {
             outln!("run {run_id}: no succeeded step has a rollback; nothing to do");
             EXIT_OK

@@ -251,9 +251,10 @@ pub fn summary(store: &dyn StateStore, outcome: &RunOutcome, output: Output) {
     eprintln!("details: nexus show {}   logs: nexus logs {}", outcome.run_id, outcome.run_id);
 }
 
-/// One line per notification of the run that was sent or given up on.
-pub fn deliveries(store: &dyn StateStore, run_id: &str) {
-    for d in store.deliveries(run_id).unwrap_or_default() {
+/// One line per notification of the run recorded since `since` (Unix ms) that was sent
+/// or given up on.
+pub fn deliveries(store: &dyn StateStore, run_id: &str, since: i64) {
+    for d in store.deliveries(run_id).unwrap_or_default().into_iter().filter(|d| d.created_at >= since) {
         match d.status {
             DeliveryStatus::Sent => eprintln!("notified {} of {} (route {})", d.channel, d.event_kind, d.route),
             DeliveryStatus::Failed => eprintln!(

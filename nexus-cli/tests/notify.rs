@@ -48,6 +48,9 @@ pipelines:
           backoff: 10ms
         run:
           command: echo "connecting with password $DB_PASSWORD"; echo "migration 42 failed" >&2; test "{{ params.outcome }}" = "pass"
+        rollback:
+          run:
+            command: echo "migration 42 reverted"
 "#,
     );
     let security = format!(
@@ -79,7 +82,7 @@ routes:
     continue: true
   - name: audit
     match:
-      events: [run.failed, run.recovered, step.failed, step.retrying]
+      events: [run.failed, run.recovered, step.failed, step.retrying, step.rolled-back]
     channels: [audit]
     dedup_window: 1m
 "#
@@ -209,6 +212,16 @@ fn a_failing_run_alerts_once_per_route_and_the_next_success_resolves_it() {
     let hooks = webhook.requests();
     assert_eq!(hooks.len(), 2);
     assert_eq!(hooks[1].json().unwrap()["type"], "run.recovered");
+
+    // `nexus rollback` of the successful run is routed too.
+    let (_, runs, _) = nexus(config_dir, state, &["runs", "--status", "succeeded", "--output", "json"]);
+    let runs: Value = serde_json::from_str(&runs).unwrap();
+    let (code, _, stderr) = nexus(config_dir, state, &["rollback", runs[0]["id"].as_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("notified audit of step.rolled-back (route audit)"), "{stderr}");
+    let hooks = webhook.requests();
+    assert_eq!(hooks.len(), 3);
+    assert_eq!(hooks[2].json().unwrap()["type"], "step.rolled-back");
 
     // The contract held for every request, and the secret reached no receiver.
     assert!(pagerduty.violations().is_empty(), "{:?}", pagerduty.violations());
