@@ -382,6 +382,14 @@ pub fn cmd_resume(config: &Path, state: &Path, output: Output, run_id: &str, pol
         eprintln!("error: {e}");
         return EXIT_INTERNAL;
     }
+    match nexus_core::notify::close_interrupted(store.as_ref(), run_id) {
+        Ok(0) => {}
+        Ok(n) => eprintln!("warning: {n} notification(s) of run {run_id} were being sent when its process died"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INTERNAL;
+        }
+    }
     if policy == InterruptedPolicy::Skip {
         for id in &interrupted {
             if let Err(e) =

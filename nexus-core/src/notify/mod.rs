@@ -421,6 +421,20 @@ pub async fn send_test(
     notifier.send(&notification).await.map_err(|e| redactor.redact(&e.to_string()))
 }
 
+/// Marks the deliveries of a run still `sending` — its process died while sending
+/// them — as failed, so the journal says what happened; returns how many. (Their
+/// messages are not sent again: whether the receiver got them is unknown, and a second
+/// page is worse than none for an event that is over.)
+pub fn close_interrupted(store: &dyn StateStore, run_id: &str) -> Result<usize> {
+    let mut closed = 0;
+    for d in store.deliveries(run_id)?.into_iter().filter(|d| d.status == DeliveryStatus::Sending) {
+        let why = "interrupted: the nexus process died while sending it; not sent again";
+        store.delivery_finished(d.id, DeliveryStatus::Failed, d.attempts, Some(why), None)?;
+        closed += 1;
+    }
+    Ok(closed)
+}
+
 /// What became of a notify step's message on one channel.
 #[derive(Debug)]
 pub struct StepDelivery {

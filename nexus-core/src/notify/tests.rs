@@ -261,3 +261,32 @@ async fn retries_are_recorded_and_failures_are_redacted() {
     assert!(!format!("{templated:?}").contains("tok-3f9a2c"), "secret in a message: {templated:?}");
     assert!(templated.body.contains("token *** refused"), "{}", templated.body);
 }
+
+#[test]
+fn deliveries_cut_short_by_a_crash_are_closed_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let record = |status| DeliveryRecord {
+        id: 0,
+        run_id: Some("r-1".into()),
+        route: "r".into(),
+        channel: "c".into(),
+        event_kind: "run.failed".into(),
+        pipeline: None,
+        environment: None,
+        fingerprint: "f".into(),
+        dedup_key: "k".into(),
+        status,
+        attempts: 1,
+        error: None,
+        receipt: None,
+        created_at: 1,
+        finished_at: None,
+    };
+    store.record_delivery(&record(DeliveryStatus::Sending)).unwrap();
+    store.record_delivery(&record(DeliveryStatus::Sent)).unwrap();
+    assert_eq!(close_interrupted(&store, "r-1").unwrap(), 1);
+    let statuses: Vec<DeliveryStatus> = store.deliveries("r-1").unwrap().iter().map(|d| d.status).collect();
+    assert_eq!(statuses, [DeliveryStatus::Failed, DeliveryStatus::Sent]);
+    assert_eq!(close_interrupted(&store, "r-1").unwrap(), 0);
+}
