@@ -1,5 +1,6 @@
 //! Streams a pipe to a [`LogSink`] line by line, in bounded memory: the splitting every
-//! runner that reads a byte stream (a local pipe, an SSH channel) shares.
+//! runner that reads a byte stream (a local pipe, an SSH channel, a container's output
+//! chunks, a pod's log) shares.
 
 use crate::traits::{LogSink, Stream};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -9,11 +10,12 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Reads `reader` to its end, sending each line to `logs` as soon as it is complete.
-/// Memory use stays within a few times [`MAX_LINE_BYTES`], whatever the output.
+/// Memory use stays within a few times [`MAX_LINE_BYTES`], whatever the output. A read
+/// error ends the stream (the partial last line is still sent).
 pub async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: Stream, logs: &dyn LogSink) {
     let Some(reader) = reader else { return };
     let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
-    let mut line: Vec<u8> = Vec::new();
+    let mut lines = LineBuffer::default();
     loop {
         let buf = match reader.fill_buf().await {
             Ok(buf) => buf,
@@ -23,37 +25,67 @@ pub async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: Stream, logs:
         if buf.is_empty() {
             break;
         }
-        let (taken, complete) = match buf.iter().position(|b| *b == b'\n') {
-            Some(end) => {
-                line.extend_from_slice(&buf[..end]);
-                (end + 1, true)
-            }
-            None => {
-                line.extend_from_slice(buf);
-                (buf.len(), false)
-            }
-        };
-        reader.consume(taken);
-        while line.len() > MAX_LINE_BYTES {
-            let cut = char_boundary(&line, MAX_LINE_BYTES);
-            emit(logs, stream, &line[..cut]);
-            line.drain(..cut);
-        }
-        if complete {
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            emit(logs, stream, &line);
-            line.clear();
-        }
+        let n = buf.len();
+        lines.push(buf, |line| logs.line(stream, line));
+        reader.consume(n);
     }
-    if !line.is_empty() {
-        emit(logs, stream, &line);
+    lines.finish(|line| logs.line(stream, line));
+}
+
+/// Turns chunks of a byte stream into lines, in bounded memory: the incomplete last line
+/// is kept until the chunk that completes it. Lines lose their `\n` (or `\r\n`); lines
+/// longer than the limit are cut, at a UTF-8 character boundary, into several.
+#[derive(Debug)]
+pub struct LineBuffer {
+    pending: Vec<u8>,
+    max: usize,
+}
+
+impl Default for LineBuffer {
+    fn default() -> Self {
+        LineBuffer::with_limit(MAX_LINE_BYTES)
     }
 }
 
-fn emit(logs: &dyn LogSink, stream: Stream, bytes: &[u8]) {
-    logs.line(stream, &String::from_utf8_lossy(bytes));
+impl LineBuffer {
+    /// A buffer cutting lines longer than `max` bytes.
+    pub fn with_limit(max: usize) -> Self {
+        LineBuffer { pending: Vec::new(), max: max.max(4) }
+    }
+
+    /// Calls `on_line` for every line `chunk` completes, keeping the rest for later.
+    /// Memory stays within the limit plus one chunk.
+    pub fn push(&mut self, mut chunk: &[u8], mut on_line: impl FnMut(&str)) {
+        while let Some(end) = chunk.iter().position(|b| *b == b'\n') {
+            self.pending.extend_from_slice(&chunk[..end]);
+            self.cut_long(&mut on_line);
+            if self.pending.last() == Some(&b'\r') {
+                self.pending.pop();
+            }
+            on_line(&String::from_utf8_lossy(&self.pending));
+            self.pending.clear();
+            chunk = &chunk[end + 1..];
+        }
+        self.pending.extend_from_slice(chunk);
+        self.cut_long(&mut on_line);
+    }
+
+    /// Sends the last, unterminated line, if any.
+    pub fn finish(&mut self, mut on_line: impl FnMut(&str)) {
+        if !self.pending.is_empty() {
+            on_line(&String::from_utf8_lossy(&self.pending));
+            self.pending.clear();
+        }
+    }
+
+    /// Sends the first `max` bytes of the pending line as long as it is longer.
+    fn cut_long(&mut self, on_line: &mut impl FnMut(&str)) {
+        while self.pending.len() > self.max {
+            let cut = char_boundary(&self.pending, self.max);
+            on_line(&String::from_utf8_lossy(&self.pending[..cut]));
+            self.pending.drain(..cut);
+        }
+    }
 }
 
 /// The largest cut point `<= max` that does not split a UTF-8 character (or `max` when
@@ -87,6 +119,33 @@ mod tests {
     async fn splits_on_newlines_and_keeps_a_last_unterminated_line() {
         assert_eq!(lines_of(b"a\r\n\nb\nc").await, ["a", "", "b", "c"]);
         assert!(lines_of(b"").await.is_empty());
+    }
+
+    fn lines_of_chunks(chunks: &[&[u8]]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buffer = LineBuffer::default();
+        for chunk in chunks {
+            buffer.push(chunk, |l| out.push(l.to_owned()));
+        }
+        buffer.finish(|l| out.push(l.to_owned()));
+        out
+    }
+
+    #[test]
+    fn chunks_are_joined_split_into_lines_and_the_unterminated_last_kept() {
+        assert_eq!(lines_of_chunks(&[b"a\r\n\nb", b"c\nd", b"", b"e"]), ["a", "", "bc", "de"]);
+        assert_eq!(lines_of_chunks(&[b"x\n"]), ["x"]);
+        assert!(lines_of_chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn long_chunked_lines_are_cut_at_character_boundaries() {
+        let long = "é".repeat(MAX_LINE_BYTES); // two bytes each
+        let lines = lines_of_chunks(&[long.as_bytes(), b"\nafter"]);
+        assert!(lines.iter().all(|l| l.len() <= MAX_LINE_BYTES && !l.contains('\u{fffd}')), "a character was cut");
+        assert_eq!(lines.concat().len(), long.len() + "after".len());
+        assert_eq!(lines.last().unwrap(), "after");
+        assert_eq!(lines.len(), 3);
     }
 
     #[tokio::test]

@@ -25,7 +25,6 @@
 //! [`LogSink`]: nexus_core::traits::LogSink
 //! [`Outcome::outputs`]: nexus_core::traits::Outcome
 
-mod lines;
 mod runner;
 
 use std::fmt;
@@ -38,7 +37,7 @@ use nexus_core::{Catalog, ComponentKind, Result, SpecIssue};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use lines::MAX_LINE_BYTES;
+pub use nexus_core::lines::MAX_LINE_BYTES;
 pub use nexus_core::outputs::MAX_OUTPUT_BYTES;
 pub use runner::{DockerRunner, remove_leftovers};
 

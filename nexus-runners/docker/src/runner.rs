@@ -23,11 +23,11 @@ use nexus_core::{Error, ErrorKind, Result};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::lines::LineBuffer;
 use crate::{
     DEFAULT_DOCKER_HOST, DOCKER_KIND, DockerSpec, LABEL_ATTEMPT, LABEL_RUN, LABEL_STEP, OUTPUT_MOUNT, PullPolicy,
     parse_memory,
 };
+use nexus_core::lines::LineBuffer;
 use nexus_core::outputs::read_outputs_file as read_outputs;
 
 /// How long one Engine API request may take to answer (its headers; streams such as a
@@ -623,9 +623,11 @@ impl Lines {
     fn feed(&mut self, item: Option<std::result::Result<LogOutput, DockerError>>, logs: &dyn LogSink) -> bool {
         match item {
             Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
-                self.stdout.push(&message, Stream::Stdout, logs);
+                self.stdout.push(&message, |line| logs.line(Stream::Stdout, line));
             }
-            Some(Ok(LogOutput::StdErr { message })) => self.stderr.push(&message, Stream::Stderr, logs),
+            Some(Ok(LogOutput::StdErr { message })) => {
+                self.stderr.push(&message, |line| logs.line(Stream::Stderr, line))
+            }
             Some(Ok(LogOutput::StdIn { .. })) => {}
             Some(Err(_)) | None => return false,
         }
@@ -638,8 +640,8 @@ impl Lines {
         if open {
             let _ = timeout(DRAIN_LIMIT, async { while self.feed(output.next().await, logs) {} }).await;
         }
-        self.stdout.finish(Stream::Stdout, logs);
-        self.stderr.finish(Stream::Stderr, logs);
+        self.stdout.finish(|line| logs.line(Stream::Stdout, line));
+        self.stderr.finish(|line| logs.line(Stream::Stderr, line));
     }
 }
 

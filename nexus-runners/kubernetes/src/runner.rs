@@ -48,6 +48,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use nexus_core::lines::LineBuffer;
 use nexus_core::outputs::{MAX_OUTPUT_BYTES, read_outputs_bytes};
 use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task};
 use nexus_core::{Error, ErrorKind, Result};
@@ -1299,9 +1300,10 @@ impl<'a> Follow<'a> {
 const MAX_LINE_BYTES: usize = nexus_core::lines::MAX_LINE_BYTES + 64;
 
 /// Reads `reader` to its end, line by line, in bounded memory. An error means the
-/// stream broke before its end.
+/// stream broke before its end; the partial line read so far is then dropped (the
+/// reconnection reads it again whole).
 async fn read_lines<R: AsyncBufRead + Unpin>(mut reader: R, follow: &Follow<'_>) -> std::io::Result<()> {
-    let mut line: Vec<u8> = Vec::new();
+    let mut lines = LineBuffer::with_limit(MAX_LINE_BYTES);
     loop {
         let buf = match reader.fill_buf().await {
             Ok(buf) => buf,
@@ -1311,40 +1313,12 @@ async fn read_lines<R: AsyncBufRead + Unpin>(mut reader: R, follow: &Follow<'_>)
         if buf.is_empty() {
             break;
         }
-        let (taken, complete) = match buf.iter().position(|b| *b == b'\n') {
-            Some(end) => {
-                line.extend_from_slice(&buf[..end]);
-                (end + 1, true)
-            }
-            None => {
-                line.extend_from_slice(buf);
-                (buf.len(), false)
-            }
-        };
-        reader.consume_unpin(taken);
-        while line.len() > MAX_LINE_BYTES {
-            let cut = char_boundary(&line, MAX_LINE_BYTES);
-            follow.line(&String::from_utf8_lossy(&line[..cut]));
-            line.drain(..cut);
-        }
-        if complete {
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            follow.line(&String::from_utf8_lossy(&line));
-            line.clear();
-        }
+        let n = buf.len();
+        lines.push(buf, |line| follow.line(line));
+        reader.consume_unpin(n);
     }
-    if !line.is_empty() {
-        follow.line(&String::from_utf8_lossy(&line));
-    }
+    lines.finish(|line| follow.line(line));
     Ok(())
-}
-
-/// The largest cut point `<= max` that does not split a UTF-8 character.
-fn char_boundary(bytes: &[u8], max: usize) -> usize {
-    let is_continuation = |b: u8| b & 0xC0 == 0x80;
-    (max.saturating_sub(3)..=max).rev().find(|&cut| cut > 0 && !is_continuation(bytes[cut])).unwrap_or(max)
 }
 
 #[cfg(test)]
