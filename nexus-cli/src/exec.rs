@@ -277,6 +277,19 @@ fn read_plan(path: &Path, digest: &str) -> Result<Plan, u8> {
     Ok(plan)
 }
 
+/// The registries, the store, and a stored run with its plan; or the exit code, after
+/// saying what is wrong.
+fn open_run(
+    config: &Path,
+    state: &Path,
+    run_id: &str,
+) -> Result<(Loaded, Arc<dyn StateStore>, nexus_core::state::RunRecord, Plan), u8> {
+    let loaded = load(config)?;
+    let store = open_store(state)?;
+    let (run, plan) = stored_run(store.as_ref(), run_id)?;
+    Ok((loaded, store, run, plan))
+}
+
 /// Reads a run and its plan from the store.
 fn stored_run(store: &dyn StateStore, run_id: &str) -> Result<(nexus_core::state::RunRecord, Plan), u8> {
     let run = match store.run(run_id) {
@@ -323,16 +336,8 @@ fn recovered_from(store: &dyn StateStore, run_id: &str) -> Result<(Recovered, Ve
 
 /// `nexus resume`.
 pub fn cmd_resume(config: &Path, state: &Path, output: Output, run_id: &str, policy: InterruptedPolicy) -> u8 {
-    let loaded = match load(config) {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
-    let store = match open_store(state) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let (run, plan) = match stored_run(store.as_ref(), run_id) {
-        Ok(r) => r,
+    let (loaded, store, run, plan) = match open_run(config, state, run_id) {
+        Ok(opened) => opened,
         Err(code) => return code,
     };
     if run.status.is_final() {
@@ -433,16 +438,8 @@ pub fn status_text(status: RunStatus) -> &'static str {
 
 /// `nexus retry RUN --from STEP`.
 pub fn cmd_retry(config: &Path, state: &Path, output: Output, run_id: &str, from: &str) -> u8 {
-    let loaded = match load(config) {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
-    let store = match open_store(state) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let (_, plan) = match stored_run(store.as_ref(), run_id) {
-        Ok(r) => r,
+    let (loaded, store, _, plan) = match open_run(config, state, run_id) {
+        Ok(opened) => opened,
         Err(code) => return code,
     };
     let targets: Vec<&str> =
@@ -494,16 +491,8 @@ pub fn cmd_retry(config: &Path, state: &Path, output: Output, run_id: &str, from
 /// `nexus rollback RUN`: runs the rollback actions of the run's succeeded steps, latest
 /// first.
 pub fn cmd_rollback(config: &Path, state: &Path, run_id: &str) -> u8 {
-    let loaded = match load(config) {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
-    let store = match open_store(state) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let (run, plan) = match stored_run(store.as_ref(), run_id) {
-        Ok(r) => r,
+    let (loaded, store, run, plan) = match open_run(config, state, run_id) {
+        Ok(opened) => opened,
         Err(code) => return code,
     };
     if !run.status.is_final() && nexus_core::engine::is_alive(&run) {
