@@ -32,7 +32,8 @@ fn run_or_exit(store: &dyn StateStore, run_id: &str) -> Result<RunRecord, u8> {
     }
 }
 
-fn status_name(s: RunStatus) -> String {
+/// The name of a status or kind as it is written in JSON and in the store (`timed-out`).
+fn status_name(s: impl serde::Serialize) -> String {
     serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
@@ -142,10 +143,8 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
     if !attempts.is_empty() {
         outln!("\nattempts:");
         for a in &attempts {
-            let kind =
-                serde_json::to_value(a.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            let status =
-                serde_json::to_value(a.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let kind = status_name(a.kind);
+            let status = status_name(a.status);
             let exit = a
                 .exit_code
                 .map(|c| format!("exit {c}"))
@@ -158,11 +157,7 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
                 a.error.as_deref().unwrap_or("")
             );
             for t in targets.iter().filter(|t| t.step_id == a.step_id && t.number == a.number && t.kind == a.kind) {
-                let status = if t.skipped {
-                    "not-started".to_owned()
-                } else {
-                    serde_json::to_value(t.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-                };
+                let status = if t.skipped { "not-started".to_owned() } else { status_name(t.status) };
                 let exit = t
                     .exit_code
                     .map(|c| format!("exit {c}"))
@@ -186,8 +181,7 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
     if !deliveries.is_empty() {
         outln!("\nnotifications:");
         for d in &deliveries {
-            let status =
-                serde_json::to_value(d.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let status = status_name(d.status);
             let attempts = match d.attempts {
                 0 => String::new(),
                 1 => "1 attempt".to_owned(),

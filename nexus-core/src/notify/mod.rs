@@ -152,23 +152,7 @@ impl Dispatcher {
             for channel_name in &route.channels {
                 let Some(channel) = self.ssot.monitoring.channels.get(channel_name) else { continue };
                 let fingerprint = message::fingerprint(&route.name, channel_name, event);
-                let mut record = DeliveryRecord {
-                    id: 0,
-                    run_id: event.run_id.clone(),
-                    route: route.name.clone(),
-                    channel: channel_name.clone(),
-                    event_kind: event.kind.clone(),
-                    pipeline: event.pipeline.clone(),
-                    environment: event.environment.clone(),
-                    fingerprint,
-                    dedup_key: notification.dedup_key.clone(),
-                    status: DeliveryStatus::Sending,
-                    attempts: 0,
-                    error: None,
-                    receipt: None,
-                    created_at: now_millis(),
-                    finished_at: None,
-                };
+                let mut record = pending_record(&route.name, channel_name, event, fingerprint, &notification.dedup_key);
                 let reason = self.hold_back(route, channel, &record, notification.resolve);
                 if let Some(reason) = &reason {
                     record.status = DeliveryStatus::Suppressed;
@@ -183,25 +167,20 @@ impl Dispatcher {
                 }
                 let this = self.clone();
                 let channel = channel.clone();
-                let (event, mut notification) = (event.clone(), notification.clone());
-                let context_json = message::template_context(&self.ssot, &event, &notification, &context);
+                let (event, notification) = (event.clone(), notification.clone());
+                let context = message::template_context(&self.ssot, &event, &notification, &context);
                 let channel_name = channel_name.clone();
                 sends.spawn(async move {
-                    let template_error = apply_template(&channel, &mut notification, &context_json);
-                    let (status, attempts, error, receipt) =
-                        match this.deliver(&channel_name, &channel, &event, notification, &context_json).await {
-                            (Ok(receipt), attempts) => (DeliveryStatus::Sent, attempts, None, receipt_text(&receipt)),
-                            (Err(e), attempts) => (DeliveryStatus::Failed, attempts, Some(e), None),
-                        };
-                    let error = match (template_error, error) {
-                        (Some(t), Some(e)) => Some(format!("{e}; {t}")),
-                        (t, e) => e.or(t),
+                    let sender = Sender {
+                        ssot: &this.ssot,
+                        catalog: &this.catalog,
+                        store: this.store.as_ref(),
+                        policy: this.policy,
                     };
-                    if let Some(id) = id {
-                        let _ =
-                            this.store.delivery_finished(id, status, attempts, error.as_deref(), receipt.as_deref());
+                    match sender.send(&channel_name, &channel, id, &event, notification, &context).await {
+                        (Ok(_), _) => DeliveryStatus::Sent,
+                        (Err(_), _) => DeliveryStatus::Failed,
                     }
-                    status
                 });
             }
         }
@@ -261,25 +240,76 @@ impl Dispatcher {
         }
         None
     }
+}
 
-    /// Builds the channel's notifier and sends, with retries. Errors are redacted text.
-    async fn deliver(
+/// A delivery about to be sent (or suppressed): what the store records first.
+fn pending_record(route: &str, channel: &str, event: &Event, fingerprint: String, dedup_key: &str) -> DeliveryRecord {
+    DeliveryRecord {
+        id: 0,
+        run_id: event.run_id.clone(),
+        route: route.to_owned(),
+        channel: channel.to_owned(),
+        event_kind: event.kind.clone(),
+        pipeline: event.pipeline.clone(),
+        environment: event.environment.clone(),
+        fingerprint,
+        dedup_key: dedup_key.to_owned(),
+        status: DeliveryStatus::Sending,
+        attempts: 0,
+        error: None,
+        receipt: None,
+        created_at: now_millis(),
+        finished_at: None,
+    }
+}
+
+/// What sending needs, whoever sends: the dispatcher or a `notify` step.
+struct Sender<'a> {
+    ssot: &'a Ssot,
+    catalog: &'a Catalog,
+    store: &'a dyn StateStore,
+    policy: DeliveryPolicy,
+}
+
+impl Sender<'_> {
+    /// Sends `notification` to channel `name` and records how `delivery` ended: the
+    /// channel's template applied, its spec rendered with the secrets it names (for the
+    /// event's environment), those secrets redacted from the message and from any
+    /// error, retries per the policy. Returns the receipt or the (redacted) error, and
+    /// the attempts made.
+    async fn send(
         &self,
-        channel_name: &str,
+        name: &str,
         channel: &Channel,
+        delivery: Option<i64>,
         event: &Event,
         mut notification: Notification,
         context: &Value,
     ) -> (std::result::Result<Receipt, String>, u32) {
+        let template_error = apply_template(channel, &mut notification, context);
         let environment = event.environment.clone().or_else(|| self.ssot.orchestration.defaults.environment.clone());
-        let (notifier, redactor) =
-            match prepare(&self.ssot, &self.catalog, channel_name, channel, environment.as_deref(), context) {
-                Ok(prepared) => prepared,
-                Err(e) => return (Err(e.to_string()), 0),
+        let (result, attempts) = match prepare(self.ssot, self.catalog, name, channel, environment.as_deref(), context)
+        {
+            Err(e) => (Err(e.to_string()), 0),
+            Ok((notifier, redactor)) => {
+                redact_notification(&redactor, &mut notification);
+                let (result, attempts) = send_with_retries(notifier.as_ref(), &notification, self.policy).await;
+                (result.map_err(|e| redactor.redact(&e.to_string())), attempts)
+            }
+        };
+        let result = match (result, &template_error) {
+            (Err(e), Some(t)) => Err(format!("{e}; {t}")),
+            (r, _) => r,
+        };
+        if let Some(id) = delivery {
+            let (status, error, receipt) = match &result {
+                // A template that failed is noted even when the default message went out.
+                Ok(r) => (DeliveryStatus::Sent, template_error, receipt_text(r)),
+                Err(e) => (DeliveryStatus::Failed, Some(e.clone()), None),
             };
-        redact_notification(&redactor, &mut notification);
-        let (result, attempts) = send_with_retries(notifier.as_ref(), &notification, self.policy).await;
-        (result.map_err(|e| redactor.redact(&e.to_string())), attempts)
+            let _ = self.store.delivery_finished(id, status, attempts, error.as_deref(), receipt.as_deref());
+        }
+        (result, attempts)
     }
 }
 
@@ -474,54 +504,22 @@ pub async fn send_step_message(
     notification.link = event.run_id.as_ref().map(|r| format!("nexus show {r}"));
     let context = message::template_context(ssot, event, &notification, &message::RunContext::default());
     let route = format!("step:{}", event.step.as_deref().unwrap_or("-"));
+    let sender = Sender { ssot, catalog, store, policy };
     let mut out = Vec::new();
     for channel_name in channels {
-        let record = DeliveryRecord {
-            id: 0,
-            run_id: event.run_id.clone(),
-            route: route.clone(),
-            channel: channel_name.clone(),
-            event_kind: event.kind.clone(),
-            pipeline: event.pipeline.clone(),
-            environment: event.environment.clone(),
-            fingerprint: format!("{route}|{channel_name}|{}", notification.dedup_key),
-            dedup_key: notification.dedup_key.clone(),
-            status: DeliveryStatus::Sending,
-            attempts: 0,
-            error: None,
-            receipt: None,
-            created_at: now_millis(),
-            finished_at: None,
-        };
+        let fingerprint = format!("{route}|{channel_name}|{}", notification.dedup_key);
+        let record = pending_record(&route, channel_name, event, fingerprint, &notification.dedup_key);
         let id = store.record_delivery(&record).ok();
         let (result, attempts) = match ssot.monitoring.channels.get(channel_name) {
-            None => (Err(format!("no channel `{channel_name}` in monitoring_registry.yaml")), 0),
-            Some(channel) => {
-                let mut n = notification.clone();
-                let template_error = apply_template(channel, &mut n, &context);
-                let environment = event.environment.as_deref();
-                match prepare(ssot, catalog, channel_name, channel, environment, &context) {
-                    Err(e) => (Err(e.to_string()), 0),
-                    Ok((notifier, redactor)) => {
-                        redact_notification(&redactor, &mut n);
-                        let (result, attempts) = send_with_retries(notifier.as_ref(), &n, policy).await;
-                        let result = result.map_err(|e| redactor.redact(&e.to_string()));
-                        let result = match (result, template_error) {
-                            (Err(e), Some(t)) => Err(format!("{e}; {t}")),
-                            (r, _) => r,
-                        };
-                        (result, attempts)
-                    }
+            Some(channel) => sender.send(channel_name, channel, id, event, notification.clone(), &context).await,
+            None => {
+                let error = format!("no channel `{channel_name}` in monitoring_registry.yaml");
+                if let Some(id) = id {
+                    let _ = store.delivery_finished(id, DeliveryStatus::Failed, 0, Some(&error), None);
                 }
+                (Err(error), 0)
             }
         };
-        if let Some(id) = id {
-            let (status, error, receipt) = match &result {
-                Ok(r) => (DeliveryStatus::Sent, None, receipt_text(r)),
-                Err(e) => (DeliveryStatus::Failed, Some(e.as_str()), None),
-            };
-            let _ = store.delivery_finished(id, status, attempts, error, receipt.as_deref());
-        }
         out.push(StepDelivery { channel: channel_name.clone(), result, attempts });
     }
     out
