@@ -32,8 +32,8 @@ use crate::model::{Map, RetryPolicy, Severity, Ssot};
 use crate::plan::{Plan, PlannedAction, PlannedCommand, PlannedStep, render_command, template_env};
 use crate::secrets::{self, Redactor};
 use crate::state::{
-    AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, NewEvent, Owner, RunFilter, RunRecord, RunStatus,
-    StateStore, StepStatus, TargetRecord, now_millis,
+    AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, NewEvent, Owner, RunRecord, RunStatus, StateStore,
+    StepStatus, TargetRecord, now_millis,
 };
 use crate::traits::{Event, Runner, SecretValue, Task};
 
@@ -255,7 +255,7 @@ impl Engine {
         }
         self.emit(run_id, plan, kind, None, severity, message);
         if status == RunStatus::Succeeded
-            && let Some(previous) = self.previous_failure(run_id, plan)
+            && let Some(previous) = self.previous_failure(run_id)
         {
             self.emit(
                 run_id,
@@ -275,14 +275,11 @@ impl Engine {
 
     /// The previous finished run of the same pipeline and environment, if it failed
     /// (cancelled and skipped runs say nothing about health and are passed over).
-    fn previous_failure(&self, run_id: &str, plan: &Plan) -> Option<String> {
-        let filter = RunFilter { pipeline: Some(plan.pipeline.clone()), status: None, limit: Some(50) };
-        let runs = self.store.runs(&filter).ok()?;
-        // Newest first: the runs after this one in the list were created before it.
-        let previous = runs.iter().skip_while(|r| r.id != run_id).skip(1).find(|r| {
-            r.environment == plan.environment && matches!(r.status, RunStatus::Succeeded | RunStatus::Failed)
-        })?;
-        (previous.status == RunStatus::Failed).then(|| previous.id.clone())
+    fn previous_failure(&self, run_id: &str) -> Option<String> {
+        match self.store.previous_verdict(run_id) {
+            Ok(Some((id, RunStatus::Failed))) => Some(id),
+            _ => None,
+        }
     }
 
     /// Runs the rollback actions of a finished run's succeeded steps, latest first

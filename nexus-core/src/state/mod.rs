@@ -440,6 +440,10 @@ pub trait StateStore: Send + Sync {
     fn run(&self, run_id: &str) -> Result<Option<RunRecord>>;
     /// Runs, newest first.
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
+    /// The latest run of the same pipeline and environment created before `run_id` that
+    /// succeeded or failed (cancelled and skipped runs say nothing about health), with
+    /// its status.
+    fn previous_verdict(&self, run_id: &str) -> Result<Option<(String, RunStatus)>>;
     /// The steps of a run, in the order they were first recorded.
     fn steps(&self, run_id: &str) -> Result<Vec<StepRecord>>;
     /// The attempts of a run, in start order.

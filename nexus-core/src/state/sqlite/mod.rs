@@ -867,6 +867,19 @@ impl StateStore for SqliteStore {
         })
     }
 
+    fn previous_verdict(&self, run_id: &str) -> Result<Option<(String, RunStatus)>> {
+        self.read("state.previous_verdict", Some(run_id), |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT p.id, p.status FROM runs r
+                 JOIN runs p ON p.pipeline = r.pipeline AND p.environment = r.environment
+                     AND (p.created_at < r.created_at OR (p.created_at = r.created_at AND p.rowid < r.rowid))
+                 WHERE r.id = ?1 AND p.status IN ('succeeded', 'failed')
+                 ORDER BY p.created_at DESC, p.rowid DESC LIMIT 1",
+            )?;
+            Ok(stmt.query_row([run_id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
+        })
+    }
+
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
         self.read("state.runs", None, |conn| {
             // One statement text per combination of filters, so each can use its index.

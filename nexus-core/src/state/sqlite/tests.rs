@@ -781,3 +781,24 @@ fn state_targets_of_an_attempt_round_trip() {
     assert_eq!(store.targets("r-t").unwrap(), records);
     assert!(store.targets("r-other").unwrap().is_empty());
 }
+
+#[test]
+fn state_previous_verdict_skips_cancelled_runs_and_other_environments() {
+    let (_dir, store) = store();
+    let mut create = |id: &str, env: &str, at: i64, status: Option<RunStatus>| {
+        let mut r = run(id, "deploy", at);
+        r.environment = env.into();
+        store.create_run(&r).unwrap();
+        if let Some(status) = status {
+            store.claim_run(id, &Owner::current()).unwrap();
+            store.finish_run(id, status, None).unwrap();
+        }
+    };
+    create("r-1", "prod", 1_000, Some(RunStatus::Failed));
+    create("r-2", "staging", 2_000, Some(RunStatus::Succeeded));
+    create("r-3", "prod", 3_000, Some(RunStatus::Cancelled));
+    create("r-4", "prod", 4_000, None);
+    assert_eq!(store.previous_verdict("r-4").unwrap(), Some(("r-1".into(), RunStatus::Failed)));
+    assert_eq!(store.previous_verdict("r-1").unwrap(), None);
+    assert_eq!(store.previous_verdict("r-2").unwrap(), None);
+}
