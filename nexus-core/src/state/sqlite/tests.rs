@@ -785,7 +785,7 @@ fn state_targets_of_an_attempt_round_trip() {
 #[test]
 fn state_previous_verdict_skips_cancelled_runs_and_other_environments() {
     let (_dir, store) = store();
-    let mut create = |id: &str, env: &str, at: i64, status: Option<RunStatus>| {
+    let create = |id: &str, env: &str, at: i64, status: Option<RunStatus>| {
         let mut r = run(id, "deploy", at);
         r.environment = env.into();
         store.create_run(&r).unwrap();
