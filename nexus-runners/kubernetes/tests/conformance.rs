@@ -19,7 +19,7 @@ use std::time::Duration;
 use fake::FakeCluster;
 use nexus_core::traits::Runner;
 use nexus_runner_kubernetes::runner::Timings;
-use nexus_runner_kubernetes::{KubernetesRunner, KubernetesSpec, label_value};
+use nexus_runner_kubernetes::{KubernetesRunner, KubernetesSpec};
 use nexus_testkit::runner as suite;
 use nexus_testkit::{MissingProgram, RunnerTarget, SharedDir};
 use serde_json::json;
@@ -56,14 +56,7 @@ macro_rules! conformance_tests {
         async fn $check() {
             let (runner, target, (cluster, _dirs)) = setup(stringify!($check)).await;
             suite::$check(&*runner, &target).await;
-            let left = cluster.leftovers(&label_value(&target.run_id));
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            let mut left = left;
-            while !left.is_empty() && std::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                left = cluster.leftovers(&label_value(&target.run_id));
-            }
-            assert!(left.is_empty(), "left behind: {left:?}");
+            cluster.assert_nothing_left(&target.run_id).await;
         }
     )*};
 }

@@ -42,13 +42,6 @@ fn created<'a>(state: &'a fake::FakeState, kind: &str) -> Vec<&'a Value> {
     state.created.iter().filter(|v| v["kind"] == kind).collect()
 }
 
-/// Nothing of the run is left in the fake (pods may take a moment to be reaped).
-async fn assert_nothing_left(cluster: &FakeCluster, run: &str) {
-    let label = label_value(run);
-    let gone = eventually(Duration::from_secs(10), || cluster.leftovers(&label).is_empty()).await;
-    assert!(gone, "left behind: {:?}", cluster.leftovers(&label));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_job_and_secret_carry_the_spec() {
     let cluster = FakeCluster::start().await;
@@ -78,7 +71,7 @@ async fn the_job_and_secret_carry_the_spec() {
     let outcome = runner.run(&task, &logs, CancellationToken::new()).await.unwrap();
     assert_eq!(outcome.exit_code, Some(0), "{:?}", logs.stderr());
     assert_eq!(logs.stdout(), ["hello ", "token length 6"]);
-    assert_nothing_left(&cluster, run).await;
+    cluster.assert_nothing_left(run).await;
 
     let state = cluster.state();
     let jobs = created(&state, "Job");
@@ -189,7 +182,7 @@ async fn the_secret_is_deleted_however_the_attempt_ends() {
     let mut unpullable = with_secret("unpullable", "true");
     unpullable.image = Some("fake/unpullable:1".into());
     runner.run(&unpullable, &logs, CancellationToken::new()).await.unwrap_err();
-    assert_nothing_left(&cluster, &run).await;
+    cluster.assert_nothing_left(&run).await;
 
     let state = cluster.state();
     assert_eq!(created(&state, "Secret").len(), 4);
@@ -234,7 +227,7 @@ async fn an_image_that_cannot_be_pulled_fails_fast_and_clearly() {
     ] {
         assert!(message.contains(part), "`{part}` not in: {message}");
     }
-    assert_nothing_left(&cluster, "pull-run").await;
+    cluster.assert_nothing_left("pull-run").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +242,7 @@ async fn an_unschedulable_pod_fails_with_the_schedulers_message() {
         assert!(message.contains(part), "`{part}` not in: {message}");
     }
     assert!(logs.stderr().iter().any(|l| l.contains("cannot be scheduled yet")), "{:?}", logs.stderr());
-    assert_nothing_left(&cluster, "sched-run").await;
+    cluster.assert_nothing_left("sched-run").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +261,7 @@ async fn a_job_without_a_pod_and_an_image_without_a_shell_are_clear_errors() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     assert!(err.message().contains("image `fake/no-shell:1` must provide a POSIX shell"), "{err}");
     assert!(err.message().contains("executable file not found"), "{err}");
-    assert_nothing_left(&cluster, "odd-run").await;
+    cluster.assert_nothing_left("odd-run").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,12 +341,9 @@ async fn cleanup_run_deletes_what_a_crashed_run_left() {
     assert_eq!(jobs, ["ci/nx-left-1-bbbb", "other/nx-left-1-cccc"]);
     let secrets: Vec<&String> = state.secrets.keys().collect();
     assert_eq!(secrets, ["ci/nx-left-1-bbbb", "other/nx-left-1-cccc"]);
-    let pods = cluster_pods(&state);
+    drop(state);
+    let pods = cluster.pod_names();
     assert!(pods.iter().all(|p| !p.starts_with("ci/nx-left-1-aaaa")), "{pods:?}");
-}
-
-fn cluster_pods(state: &fake::FakeState) -> Vec<String> {
-    state.requests.iter().filter(|r| r.starts_with("DELETE")).cloned().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,9 +356,9 @@ async fn the_kind_builds_through_the_catalog_without_contacting_anything() {
     let missing: Arc<dyn Runner> = kind.build(json!({"kubeconfig": "/nonexistent/kubeconfig"})).unwrap();
     let err = missing.run(&task("r", "s", "true"), &CollectingSink::new(), CancellationToken::new()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
-    assert!(cluster.state().requests.is_empty());
 
     let built = kind.build(json!({"namespace": "ci", "image": "busybox", "kubeconfig": cluster.kubeconfig()})).unwrap();
+    assert!(cluster.state().requests.is_empty(), "building contacted the cluster");
     let logs = CollectingSink::new();
     let outcome = built.run(&task("catalog-run", "s", "echo built"), &logs, CancellationToken::new()).await.unwrap();
     assert_eq!((outcome.exit_code, logs.stdout()), (Some(0), vec!["built".to_owned()]));
@@ -386,7 +376,7 @@ async fn an_abandoned_attempt_deletes_its_job_and_secret() {
     });
     assert!(eventually(Duration::from_secs(10), || cluster.pod_names().len() == 1).await, "no pod started");
     attempt.abort(); // the engine drops the attempt's future
-    assert_nothing_left(&cluster, "abandoned-run").await;
+    cluster.assert_nothing_left("abandoned-run").await;
     let state = cluster.state();
     assert_eq!(state.job_deletions.len(), 1);
     assert_eq!(state.job_deletions[0].1, "Foreground");

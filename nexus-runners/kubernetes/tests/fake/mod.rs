@@ -134,6 +134,15 @@ impl FakeCluster {
         self.state().pods.keys().cloned().collect()
     }
 
+    /// Asserts that nothing of run `run_id` is left (pods may take a moment to be reaped).
+    pub async fn assert_nothing_left(&self, run_id: &str) {
+        let label = nexus_runner_kubernetes::label_value(run_id);
+        let gone =
+            nexus_testkit::runner::eventually(std::time::Duration::from_secs(10), || self.leftovers(&label).is_empty())
+                .await;
+        assert!(gone, "left behind: {:?}", self.leftovers(&label));
+    }
+
     /// Whether anything (Job, pod, Secret) of run label `run` is left.
     pub fn leftovers(&self, run_label: &str) -> Vec<String> {
         let state = self.state();
