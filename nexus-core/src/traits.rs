@@ -405,6 +405,17 @@ impl Notification {
             templated: false,
         }
     }
+
+    /// The text a channel with its own layout (facts as fields, the log tail in a
+    /// block, the link as a button) shows above that layout: the operator's templated
+    /// body as is; otherwise the event's one-line message — `body` then already holds
+    /// the facts, log tail and link in plain text, which the layout shows again.
+    pub fn lead(&self) -> &str {
+        match &self.event {
+            Some(event) if !self.templated => &event.message,
+            _ => &self.body,
+        }
+    }
 }
 
 /// What the receiving end said about a delivered notification.

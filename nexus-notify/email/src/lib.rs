@@ -422,9 +422,9 @@ pub fn bodies(notification: &Notification) -> (String, String) {
         "<!DOCTYPE html>\n<html><body style=\"font-family: sans-serif\">\n<h2 style=\"color: {colour}\">{status}: {}</h2>\n",
         escape_html(&notification.title)
     );
-    if !notification.body.trim().is_empty() {
-        text.push_str(&format!("\n{}\n", notification.body));
-        let paragraphs = escape_html(&notification.body).replace('\n', "<br>\n");
+    if !notification.lead().trim().is_empty() {
+        text.push_str(&format!("\n{}\n", notification.lead()));
+        let paragraphs = escape_html(notification.lead()).replace('\n', "<br>\n");
         html.push_str(&format!("<p>{paragraphs}</p>\n"));
     }
     if !notification.facts.is_empty() {

@@ -173,8 +173,8 @@ impl PagerDutyNotifier {
             }
         }
         let mut details = JsonMap::new();
-        if !notification.body.is_empty() {
-            details.insert("body".to_owned(), json!(notification.body));
+        if !notification.lead().is_empty() {
+            details.insert("body".to_owned(), json!(notification.lead()));
         }
         for (name, value) in &notification.facts {
             details.insert(name.clone(), json!(value));

@@ -395,8 +395,8 @@ pub fn message(notification: &Notification) -> Value {
         "type": "header",
         "text": {"type": "plain_text", "text": truncate_chars(&format!("{emoji} {}", notification.title), HEADER_TEXT_MAX), "emoji": true},
     })];
-    if !notification.body.trim().is_empty() {
-        blocks.push(section(&escape(&notification.body)));
+    if !notification.lead().trim().is_empty() {
+        blocks.push(section(&escape(notification.lead())));
     }
     for facts in notification.facts.chunks(SECTION_FIELDS_MAX) {
         let fields: Vec<Value> = facts
@@ -424,9 +424,9 @@ pub fn message(notification: &Notification) -> Value {
     }
     blocks.truncate(BLOCKS_MAX);
     let mut text = format!("{emoji} {}", notification.title);
-    if !notification.body.trim().is_empty() {
+    if !notification.lead().trim().is_empty() {
         text.push_str(": ");
-        text.push_str(&notification.body);
+        text.push_str(notification.lead());
     }
     json!({"text": truncate_chars(&escape(&text), TEXT_MAX), "blocks": blocks})
 }
