@@ -282,7 +282,7 @@ enum NotifyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    plugins::configure(&cli.plugins, &cli.config);
+    plugins::configure(&cli.plugins, &cli.config, matches!(cli.command, Command::Plugins));
     let code = match &cli.command {
         Command::Validate { env } => cmd_validate(&cli, env.clone()),
         Command::Schema { out, check } => cmd_schema(out, *check),

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nexus_core::{Catalog, Error, ErrorKind, Result};
 use nexus_plugin::PluginSet;
@@ -18,32 +17,30 @@ use crate::{EXIT_INVALID, EXIT_OK, Output};
 /// The environment variable holding plugin directories.
 pub const PATH_VAR: &str = "NEXUS_PLUGIN_PATH";
 
-static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
-static LOADED: OnceLock<PluginSet> = OnceLock::new();
-static LISTING: AtomicBool = AtomicBool::new(false);
+/// Where this process looks for plugins, and whether it lists them (`nexus plugins`
+/// reports refusals itself; other commands warn once).
+struct Search {
+    cli: Vec<PathBuf>,
+    config: PathBuf,
+    listing: bool,
+}
 
-/// Decides where plugins are looked for; called once, before any catalog is built.
-pub fn configure(cli: &[PathBuf], config: &Path) {
-    let env = std::env::var_os(PATH_VAR);
-    let dirs = nexus_plugin::plugin_dirs(cli, env.as_deref(), &registry_dirs(config));
-    let _ = DIRS.set(dirs);
+static SEARCH: OnceLock<Search> = OnceLock::new();
+static LOADED: OnceLock<PluginSet> = OnceLock::new();
+
+/// Records where plugins are looked for; called once, before any catalog is built.
+/// Nothing is read until a command needs the catalog.
+pub fn configure(cli: &[PathBuf], config: &Path, listing: bool) {
+    let _ = SEARCH.set(Search { cli: cli.to_vec(), config: config.to_owned(), listing });
 }
 
 /// `plugins.dirs` of the orchestration registry (main file and `.d/` fragments),
 /// resolved against the config directory. Read leniently: a broken registry is reported
 /// by validation, not here.
 fn registry_dirs(config: &Path) -> Vec<PathBuf> {
-    let mut files = vec![config.join("orchestration_registry.yaml")];
-    if let Ok(entries) = std::fs::read_dir(config.join("orchestration_registry.d")) {
-        let mut fragments: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .collect();
-        fragments.sort();
-        files.extend(fragments);
-    }
+    let (main, fragments) = nexus_core::load::registry_files(config, nexus_core::load::RegistryKind::Orchestration);
     let mut dirs = Vec::new();
-    for file in files {
+    for file in std::iter::once(main).chain(fragments) {
         let Ok(text) = std::fs::read_to_string(&file) else { continue };
         let Ok((value, _)) = nexus_core::yaml::parse(&text) else { continue };
         if let Some(list) = value.pointer("/plugins/dirs").and_then(|v| v.as_array()) {
@@ -56,10 +53,11 @@ fn registry_dirs(config: &Path) -> Vec<PathBuf> {
 /// The plugins of this process, loaded on first use.
 pub fn loaded() -> &'static PluginSet {
     LOADED.get_or_init(|| {
-        let dirs = DIRS.get().cloned().unwrap_or_default();
+        let Some(search) = SEARCH.get() else { return nexus_plugin::load_dirs(&[]) };
+        let env = std::env::var_os(PATH_VAR);
+        let dirs = nexus_plugin::plugin_dirs(&search.cli, env.as_deref(), &registry_dirs(&search.config));
         let set = nexus_plugin::load_dirs(&dirs);
-        // `nexus plugins` reports refusals itself; other commands warn once.
-        if !LISTING.load(Ordering::Relaxed) {
+        if !search.listing {
             for refusal in &set.refused {
                 eprintln!("warning: {}", refusal.error.message());
             }
@@ -82,7 +80,6 @@ pub fn register(catalog: &mut Catalog) -> Result<()> {
 /// `nexus plugins`: what is loaded (file, kinds, ABI and SDK versions) and why anything
 /// was refused. Exit 2 when something was refused or clashes.
 pub fn cmd_plugins(output: Output) -> u8 {
-    LISTING.store(true, Ordering::Relaxed);
     let set = loaded();
     let clashes = match crate::catalog::build() {
         Ok(_) => Vec::new(),

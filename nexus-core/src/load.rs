@@ -236,13 +236,9 @@ pub fn load_dir(dir: &Path) -> (Sources, Vec<RegistryDoc>, Vec<Diagnostic>) {
     (sources, docs, diags)
 }
 
-fn load_registry(
-    dir: &Path,
-    kind: RegistryKind,
-    sources: &mut Sources,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<RegistryDoc> {
-    let main_path = dir.join(kind.file_name());
+/// Where registry `kind` lives in `dir`: its main file (which may not exist) and its
+/// `<stem>.d/*.yaml` (or `.yml`) fragments, in file-name order.
+pub fn registry_files(dir: &Path, kind: RegistryKind) -> (PathBuf, Vec<PathBuf>) {
     let fragment_dir = dir.join(format!("{}.d", kind.stem()));
     let mut fragments: Vec<PathBuf> = match std::fs::read_dir(&fragment_dir) {
         Ok(entries) => entries
@@ -252,6 +248,16 @@ fn load_registry(
         Err(_) => Vec::new(),
     };
     fragments.sort();
+    (dir.join(kind.file_name()), fragments)
+}
+
+fn load_registry(
+    dir: &Path,
+    kind: RegistryKind,
+    sources: &mut Sources,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<RegistryDoc> {
+    let (main_path, fragments) = registry_files(dir, kind);
     let main_exists = std::fs::symlink_metadata(&main_path).is_ok();
     if !main_exists && fragments.is_empty() {
         diags.push(
