@@ -53,20 +53,7 @@ pub struct WireError {
 
 /// The kind named `name`; `Internal` for a name this host does not know.
 pub fn kind_from_str(name: &str) -> ErrorKind {
-    [
-        ErrorKind::InvalidConfig,
-        ErrorKind::NotFound,
-        ErrorKind::PermissionDenied,
-        ErrorKind::Timeout,
-        ErrorKind::Unavailable,
-        ErrorKind::Unsupported,
-        ErrorKind::Cancelled,
-        ErrorKind::Conflict,
-        ErrorKind::Internal,
-    ]
-    .into_iter()
-    .find(|k| k.as_str() == name)
-    .unwrap_or(ErrorKind::Internal)
+    ErrorKind::from_name(name).unwrap_or(ErrorKind::Internal)
 }
 
 /// An error's wire form.
