@@ -4,8 +4,11 @@
 //!
 //! The receivers run on a tokio runtime owned by the test; `nexus` is a child process.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
+use common::{nexus, write};
 
 use nexus_testkit::http::{Receiver, Reply};
 use serde_json::Value;
@@ -13,10 +16,6 @@ use serde_json::Value;
 /// The secret the failing step prints; it must reach no receiver.
 const DB_PASSWORD: &str = "s3cr3t-db-pw-7f2e";
 const ROUTING_KEY: &str = "R0UT1NGKEY0000000000000000000001";
-
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).unwrap();
-}
 
 /// Registries: `deploy` fails (after 3 retries) unless `outcome` is `pass`; two routes.
 fn config(dir: &Path, pagerduty_url: &str, webhook_url: &str) {
@@ -88,23 +87,6 @@ routes:
 "#
     );
     write(dir, "monitoring_registry.yaml", &monitoring);
-}
-
-fn nexus(config: &Path, state: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .arg("--config")
-        .arg(config)
-        .arg("--state")
-        .arg(state)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// PagerDuty Events API v2, as documented: POST /v2/enqueue, JSON, routing_key of 32

@@ -4,31 +4,14 @@
 //! Needs the test sshd: `source scripts/test-env.d/sshd.sh` (the README's test command
 //! does it), which exports the `NEXUS_TEST_SSH_*` variables read here.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
+use common::{nexus, write};
 
 use serde_json::Value;
 
 fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `source scripts/test-env.d/sshd.sh` first"))
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).unwrap();
-}
-
-fn nexus(config: &Path, state: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .arg("--config")
-        .arg(config)
-        .arg("--state")
-        .arg(state)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
 
 #[test]
