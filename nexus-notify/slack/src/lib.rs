@@ -183,7 +183,9 @@ enum Target {
     /// An incoming webhook: answers `ok` as text.
     Webhook { url: String },
     /// `chat.postMessage` with a bot token: answers JSON `{"ok": …}` with HTTP 200.
-    Api { url: String, token: String, channel: String },
+    /// `headers` carry the token, built once (a token unfit for a header is a build
+    /// error, not a failure of every send).
+    Api { url: String, headers: reqwest::header::HeaderMap, channel: String },
 }
 
 /// The `slack` notifier.
@@ -211,7 +213,14 @@ impl SlackNotifier {
             (Some(url), None, None) => Target::Webhook { url },
             (None, Some(token), Some(channel)) => {
                 let api = spec.api_url.as_deref().unwrap_or(DEFAULT_API_URL).trim_end_matches('/');
-                Target::Api { url: format!("{api}/chat.postMessage"), token, channel }
+                let headers = http::header_map(
+                    SLACK_KIND,
+                    [
+                        ("authorization", format!("Bearer {token}").as_str()),
+                        ("content-type", "application/json; charset=utf-8"),
+                    ],
+                )?;
+                Target::Api { url: format!("{api}/chat.postMessage"), headers, channel }
             }
             _ => {
                 return Err(nexus_core::Error::new(
@@ -256,17 +265,10 @@ impl Notifier for SlackNotifier {
                 }
                 Ok(Receipt::new(None, None))
             }
-            Target::Api { url, token, channel } => {
+            Target::Api { url, headers, channel } => {
                 message["channel"] = json!(channel);
                 let body = serde_json::to_vec(&message).expect("a JSON value serializes");
-                let headers = http::header_map(
-                    SLACK_KIND,
-                    [
-                        ("authorization", format!("Bearer {token}").as_str()),
-                        ("content-type", "application/json; charset=utf-8"),
-                    ],
-                )?;
-                let reply = self.http.send(reqwest::Method::POST, url, headers, body).await?;
+                let reply = self.http.send(reqwest::Method::POST, url, headers.clone(), body).await?;
                 let answer: Option<Value> = serde_json::from_str(&reply.body).ok();
                 let error = answer.as_ref().and_then(|a| a.get("error")).and_then(Value::as_str);
                 if !reply.is_success() {
