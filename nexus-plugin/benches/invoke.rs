@@ -10,8 +10,8 @@ mod fixture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nexus_core::KindDescriptor;
 use nexus_core::traits::ServiceAdapter;
-use nexus_core::{Catalog, KindDescriptor};
 use serde_json::json;
 
 const CALLS: u32 = 20_000;
@@ -57,9 +57,7 @@ async fn concurrent(s: Arc<dyn ServiceAdapter>) -> Duration {
 
 fn main() {
     let lib = fixture::library("release");
-    let plugin = nexus_plugin::load_library(&lib).unwrap();
-    let mut catalog = Catalog::new();
-    assert!(plugin.register(&mut catalog).is_empty());
+    let catalog = fixture::catalog("release");
     let spec = json!({"greeting": "hi"});
     let foreign = catalog.services.get("fixture-service").unwrap().build(spec.clone()).unwrap();
     let native =

@@ -24,11 +24,7 @@ use nexus_plugin::{abi, load_dirs, load_library};
 use serde_json::json;
 
 fn catalog() -> Catalog {
-    let plugin = load_library(&fixture::library("plain")).expect("the fixture loads");
-    let mut catalog = Catalog::new();
-    let errors = plugin.register(&mut catalog);
-    assert!(errors.is_empty(), "{errors:?}");
-    catalog
+    fixture::catalog("plain")
 }
 
 fn service(spec: serde_json::Value) -> Arc<dyn nexus_core::traits::ServiceAdapter> {

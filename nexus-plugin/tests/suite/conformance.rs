@@ -5,8 +5,8 @@ use crate::fixture;
 
 use std::sync::Arc;
 
+use nexus_core::KindDescriptor;
 use nexus_core::traits::Runner;
-use nexus_core::{Catalog, KindDescriptor};
 use nexus_plugin_fixture::FixtureRunnerKind;
 use nexus_testkit::runner as suite;
 use nexus_testkit::{MissingProgram, RunnerTarget, SharedDir};
@@ -26,10 +26,7 @@ fn target(name: &str) -> (RunnerTarget, [tempfile::TempDir; 2]) {
 }
 
 fn plugin_runner() -> Arc<dyn Runner> {
-    let plugin = nexus_plugin::load_library(&fixture::library("plain")).unwrap();
-    let mut catalog = Catalog::new();
-    assert!(plugin.register(&mut catalog).is_empty());
-    catalog.runners.get("fixture-local").unwrap().build(json!({"kill_grace": "2s"})).unwrap()
+    fixture::catalog("plain").runners.get("fixture-local").unwrap().build(json!({"kill_grace": "2s"})).unwrap()
 }
 
 fn static_runner() -> Arc<dyn Runner> {

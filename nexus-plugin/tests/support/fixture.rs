@@ -12,7 +12,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -93,7 +93,12 @@ pub fn plugin_dir(variant: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, dest)
 }
 
-/// The path of `p` relative to nothing: for messages.
-pub fn show(p: &Path) -> String {
-    p.display().to_string()
+/// A catalog holding the kinds of the fixture built as `variant` (asserting that they
+/// register without clashes).
+pub fn catalog(variant: &str) -> nexus_core::Catalog {
+    let plugin = nexus_plugin::load_library(&library(variant)).expect("the fixture loads");
+    let mut catalog = nexus_core::Catalog::new();
+    let errors = plugin.register(&mut catalog);
+    assert!(errors.is_empty(), "{errors:?}");
+    catalog
 }
