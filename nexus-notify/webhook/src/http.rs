@@ -63,11 +63,6 @@ impl HttpChannel {
         Ok(HttpChannel { client, kind })
     }
 
-    /// The channel kind this client speaks for.
-    pub fn kind(&self) -> &'static str {
-        self.kind
-    }
-
     /// Sends one request (`method` to `url` with `headers` and the JSON `body`, as
     /// `Content-Type: application/json` unless `headers` says otherwise) and returns
     /// whatever the receiver answered. A request that got no answer (refused connection,
