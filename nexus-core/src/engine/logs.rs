@@ -141,13 +141,9 @@ impl Drop for TargetSink<'_> {
 /// `logs/r/deploy.1.log` and `web-1` give `logs/r/deploy.1.web-1.log` (the name made
 /// safe for a file name).
 pub fn target_log_path(attempt_log: &Path, target: &str) -> std::path::PathBuf {
-    let safe: String = target
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
-        .collect();
     let text = attempt_log.to_string_lossy();
     let stem = text.strip_suffix(".log").unwrap_or(&text);
-    std::path::PathBuf::from(format!("{stem}.{safe}.log"))
+    std::path::PathBuf::from(format!("{stem}.{}.log", super::sanitize(target)))
 }
 
 /// One parsed log line.

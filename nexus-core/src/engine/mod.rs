@@ -1324,6 +1324,7 @@ fn record_targets(
     let _ = store.record_targets(&records);
 }
 
+/// A step id or a target name made safe for a file name.
 fn sanitize(id: &str) -> String {
     id.chars()
         .map(
