@@ -56,6 +56,21 @@ fn symbol(kind: &str) -> &'static str {
     }
 }
 
+/// Prints one event: a JSON line on stdout, or a timestamped line on stderr. The
+/// line is formatted first and written with one call (stderr is unbuffered: printing
+/// it piece by piece costs a system call per piece, and a run prints two per step).
+fn print_event(event: &Event, json: bool) {
+    if json {
+        let line = serde_json::json!({
+            "at": clock(), "event": event.kind, "step": event.step, "message": event.message,
+        });
+        outln!("{line}");
+    } else {
+        let line = format!("{} {} {}\n", clock(), symbol(&event.kind), event.message);
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
+
 impl Display {
     /// Starts printing the run's events.
     pub fn start(engine: &Engine, plan: &Plan, run_id: &str, output: Output) -> Display {
@@ -102,14 +117,7 @@ impl Display {
                             }
                             _ => {}
                         }
-                        if json {
-                            let line = serde_json::json!({
-                                "at": clock(), "event": event.kind, "step": event.step, "message": event.message,
-                            });
-                            outln!("{line}");
-                        } else {
-                            eprintln!("{} {} {}", clock(), symbol(&event.kind), event.message);
-                        }
+                        print_event(&event, json);
                         if fancy { drawn = draw(&running, &live, (finished, total, started)); }
                     }
                     _ = redraw.tick(), if fancy => {
@@ -120,11 +128,7 @@ impl Display {
                         // Drain what was published before the stop.
                         while let Ok(event) = events.try_recv() {
                             if fancy { clear(&mut drawn); }
-                            if json {
-                                outln!("{}", serde_json::json!({"at": clock(), "event": event.kind, "step": event.step, "message": event.message}));
-                            } else {
-                                eprintln!("{} {} {}", clock(), symbol(&event.kind), event.message);
-                            }
+                            print_event(&event, json);
                         }
                         if fancy { clear(&mut drawn); }
                         break;
