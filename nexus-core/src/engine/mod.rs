@@ -33,7 +33,7 @@ use crate::plan::{Plan, PlannedAction, PlannedCommand, PlannedStep, render_comma
 use crate::secrets::{self, Redactor};
 use crate::state::{
     AttemptKind, AttemptRecord, AttemptStatus, LeaseHolder, NewEvent, Owner, RunRecord, RunStatus, StateStore,
-    StepStatus, TargetRecord, now_millis,
+    StepStatus, TargetRecord, Write, now_millis,
 };
 use crate::traits::{Event, Runner, SecretValue, Task};
 
@@ -237,6 +237,11 @@ impl Engine {
         );
         let mut run = RunState::new(self.clone(), run_id.to_owned(), plan.clone(), recovered, interrupts);
         let status = run.drive().await;
+        // What the last pass decided is journaled, however the run ended.
+        let status = match run.commit() {
+            Ok(()) => status,
+            Err(e) => status.and(Err(e)),
+        };
         let (status, error) = match status {
             Ok(status) => (status, run.failure.clone()),
             Err(e) => (RunStatus::Failed, Some(run.redactor.redact(&e.to_string()))),
@@ -398,7 +403,22 @@ impl Engine {
         }
     }
 
+    /// Journals (soon) and publishes an event.
     fn emit(&self, run_id: &str, plan: &Plan, kind: &str, step: Option<&str>, severity: Severity, message: String) {
+        self.bus.publish(self.record_event(run_id, plan, kind, step, severity, message));
+    }
+
+    /// Queues an event for the journal (see [`Engine::flush_events`]) and returns it, to
+    /// be published by the caller.
+    fn record_event(
+        &self,
+        run_id: &str,
+        plan: &Plan,
+        kind: &str,
+        step: Option<&str>,
+        severity: Severity,
+        message: String,
+    ) -> Event {
         if let Ok(mut pending) = self.pending_events.lock() {
             pending.push((
                 run_id.to_owned(),
@@ -415,7 +435,7 @@ impl Engine {
         event.pipeline = Some(plan.pipeline.clone());
         event.environment = Some(plan.environment.clone());
         event.step = step.map(str::to_owned);
-        self.bus.publish(event);
+        event
     }
 
     /// Journals the buffered events. Best effort: losing an event must not fail a run
@@ -504,7 +524,16 @@ pub fn backoff(policy: &RetryPolicy, next: u32) -> Duration {
     }
 }
 
+/// An attempt ready to start (its task, not spawned yet).
+type Launch = std::pin::Pin<Box<dyn std::future::Future<Output = AttemptDone> + Send>>;
+
 /// One run being driven.
+///
+/// A scheduler pass decides transitions (attempts that ended, steps that finished,
+/// attempts to start) into `journal`; [`RunState::commit`] writes them in one
+/// transaction, then publishes their events and starts the attempts. So every
+/// transition is on disk before the side effect it announces, at one commit per pass
+/// rather than one per transition.
 struct RunState {
     engine: Engine,
     run_id: String,
@@ -513,6 +542,12 @@ struct RunState {
     /// Steps with a retry delay or an approval deadline.
     timers: HashSet<String>,
     running: JoinSet<AttemptDone>,
+    /// Journal writes decided since the last [`RunState::commit`].
+    journal: Vec<Write>,
+    /// Attempts journaled in `journal`, started once it is committed.
+    launches: Vec<Launch>,
+    /// Events of the transitions in `journal`, published once it is committed.
+    unannounced: Vec<Event>,
     running_per_runner: HashMap<String, u32>,
     interrupts: Interrupts,
     cancelled: bool,
@@ -552,6 +587,9 @@ impl RunState {
             nodes,
             timers: HashSet::new(),
             running: JoinSet::new(),
+            journal: Vec::new(),
+            launches: Vec::new(),
+            unannounced: Vec::new(),
             running_per_runner: HashMap::new(),
             interrupts,
             cancelled: false,
@@ -562,6 +600,38 @@ impl RunState {
             just_finished: Vec::new(),
             deadline,
         }
+    }
+
+    /// Commits the journal, then publishes its events and starts its attempts: nothing
+    /// starts, and nobody hears of a transition, before it is on disk. If the commit
+    /// fails, none of it happened (the attempts are dropped unstarted).
+    fn commit(&mut self) -> Result<()> {
+        if !self.journal.is_empty() {
+            let writes = std::mem::take(&mut self.journal);
+            if let Err(e) = self.engine.store.commit(&writes) {
+                self.launches.clear();
+                self.unannounced.clear();
+                return Err(e);
+            }
+        }
+        for event in self.unannounced.drain(..) {
+            self.engine.bus.publish(event);
+        }
+        for launch in self.launches.drain(..) {
+            self.running.spawn(launch);
+        }
+        Ok(())
+    }
+
+    /// An event of this run, published at the next commit.
+    fn emit(&mut self, kind: &str, step: Option<&str>, severity: Severity, message: String) {
+        let event = self.engine.record_event(&self.run_id, &self.plan, kind, step, severity, message);
+        self.unannounced.push(event);
+    }
+
+    /// Attempts started or about to start.
+    fn in_flight(&self) -> usize {
+        self.running.len() + self.launches.len()
     }
 
     /// Main steps, then rollbacks and `on_failure` or `on_success`, then `finally`.
@@ -634,14 +704,8 @@ impl RunState {
         let mut planned = step.clone();
         planned.action = rollback.action.clone();
         planned.timeout = rollback.timeout;
-        self.engine.emit(
-            &self.run_id,
-            &self.plan,
-            "step.rolling-back",
-            Some(&step.id),
-            Severity::Warning,
-            format!("rolling back {}", step.id),
-        );
+        self.emit("step.rolling-back", Some(&step.id), Severity::Warning, format!("rolling back {}", step.id));
+        self.commit()?; // the count below reads the journal
         let number = self
             .engine
             .store
@@ -651,6 +715,7 @@ impl RunState {
             .count() as u32
             + 1;
         self.start_attempt(&planned, AttemptKind::Rollback, number)?;
+        self.commit()?;
         while let Some(joined) = self.running.join_next().await {
             let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
             self.release(&done.step, &planned);
@@ -667,31 +732,28 @@ impl RunState {
                 log_path: String::new(),
                 error: done.error.as_ref().map(|e| self.redactor.redact(e)),
             };
-            self.engine.store.attempt_finished(&record)?;
+            self.journal.push(Write::AttemptFinished(record));
             if done.status == AttemptStatus::Succeeded {
                 if let Some(node) = self.nodes.get_mut(&step.id) {
                     node.status = StepStatus::RolledBack;
                 }
-                self.engine.store.set_step_status(&self.run_id, &step.id, StepStatus::RolledBack, None)?;
-                self.engine.emit(
-                    &self.run_id,
-                    &self.plan,
-                    "step.rolled-back",
-                    Some(&step.id),
-                    Severity::Warning,
-                    format!("{} rolled back", step.id),
-                );
+                self.journal.push(Write::StepStatus {
+                    run_id: self.run_id.clone(),
+                    step_id: step.id.clone(),
+                    status: StepStatus::RolledBack,
+                    error: None,
+                });
+                self.emit("step.rolled-back", Some(&step.id), Severity::Warning, format!("{} rolled back", step.id));
             } else {
                 let why = done.error.unwrap_or_else(|| "rollback failed".into());
-                self.engine.emit(
-                    &self.run_id,
-                    &self.plan,
+                self.emit(
                     "step.rollback-failed",
                     Some(&step.id),
                     Severity::Error,
                     format!("rollback of {} failed: {why}", step.id),
                 );
             }
+            self.commit()?;
         }
         Ok(())
     }
@@ -712,6 +774,7 @@ impl RunState {
                 self.schedule(steps, &open).await?;
                 self.prune(&position, &mut open);
             }
+            self.commit()?;
             if self.running.is_empty() && !open.is_empty() {
                 // Nothing runs: before waiting, make sure no final step is left over.
                 open.retain(|&i| !self.nodes[&steps[i].id].status.is_final());
@@ -725,7 +788,7 @@ impl RunState {
                         self.finish_step(s, StepStatus::Cancelled, Some("run cancelled".into()))?;
                     }
                 }
-                return Ok(());
+                return self.commit();
             }
             let next_wake = self.next_wake();
             tokio::select! {
@@ -752,7 +815,7 @@ impl RunState {
                             self.finish_step(s, StepStatus::Cancelled, Some("killed".into()))?;
                         }
                     }
-                    return Ok(());
+                    return self.commit();
                 }
             }
         }
@@ -819,18 +882,11 @@ impl RunState {
                 } else {
                     (StepStatus::Failed, "approval.rejected", format!("{} rejected by {}", s.id, decision.by))
                 };
-                self.engine.emit(&self.run_id, &self.plan, kind, Some(&s.id), Severity::Info, msg.clone());
+                self.emit(kind, Some(&s.id), Severity::Info, msg.clone());
                 self.finish_step(s, status, (!decision.approved).then_some(msg))?;
             } else if node.deadline.is_some_and(|d| now >= d) {
                 let msg = format!("no approval for {} before its timeout", s.id);
-                self.engine.emit(
-                    &self.run_id,
-                    &self.plan,
-                    "approval.expired",
-                    Some(&s.id),
-                    Severity::Warning,
-                    msg.clone(),
-                );
+                self.emit("approval.expired", Some(&s.id), Severity::Warning, msg.clone());
                 self.finish_step(s, StepStatus::Failed, Some(msg))?;
             }
         }
@@ -841,7 +897,7 @@ impl RunState {
     async fn schedule(&mut self, steps: &[PlannedStep], open: &BTreeSet<usize>) -> Result<()> {
         let now = Instant::now();
         for step in open.iter().map(|&i| &steps[i]) {
-            if self.running.len() >= self.plan.parallelism as usize {
+            if self.in_flight() >= self.plan.parallelism as usize {
                 break;
             }
             let node = &self.nodes[&step.id];
@@ -898,11 +954,14 @@ impl RunState {
                 if deadline.is_some() {
                     self.timers.insert(step.id.clone());
                 }
-                self.engine.store.set_step_status(&self.run_id, &step.id, StepStatus::WaitingApproval, None)?;
+                self.journal.push(Write::StepStatus {
+                    run_id: self.run_id.clone(),
+                    step_id: step.id.clone(),
+                    status: StepStatus::WaitingApproval,
+                    error: None,
+                });
                 let message = self.render_text(step, message);
-                self.engine.emit(
-                    &self.run_id,
-                    &self.plan,
+                self.emit(
                     "approval.requested",
                     Some(&step.id),
                     Severity::Warning,
@@ -1007,18 +1066,11 @@ impl RunState {
             log_path: log_rel.clone(),
             error: None,
         };
-        // Write-ahead: the attempt is journaled before anything runs.
-        self.engine.store.attempt_started(&record)?;
+        // Write-ahead: the attempt starts once this is committed (`commit`).
+        self.journal.push(Write::AttemptStarted(record));
         if kind == AttemptKind::Main {
             let verb = if number > 1 { format!("started (attempt {number})") } else { "started".to_owned() };
-            self.engine.emit(
-                &self.run_id,
-                &self.plan,
-                "step.started",
-                Some(&step.id),
-                Severity::Info,
-                format!("{} {verb}", step.id),
-            );
+            self.emit("step.started", Some(&step.id), Severity::Info, format!("{} {verb}", step.id));
         }
         let prepared = self.prepare(step, kind, number, &log_rel);
         if let PlannedAction::Command(c) = &step.action {
@@ -1027,7 +1079,7 @@ impl RunState {
         let step_id = step.id.clone();
         let cancel = self.interrupts.graceful.child_token();
         let live = self.engine.live.clone();
-        self.running.spawn(async move {
+        self.launches.push(Box::pin(async move {
             let result = match prepared {
                 Ok(p) => p.run(cancel, live).await,
                 Err(e) => Err(e),
@@ -1059,7 +1111,7 @@ impl RunState {
                     outputs: Map::new(),
                 },
             }
-        });
+        }));
         Ok(())
     }
 
@@ -1187,29 +1239,32 @@ impl RunState {
         }
         if record.status == AttemptStatus::Succeeded {
             self.nodes.get_mut(&step.id).expect("node").outputs = outputs;
-            return self.finish_step_after(&step, StepStatus::Succeeded, None, Some(&record));
+            return self.finish_step_after(&step, StepStatus::Succeeded, None, Some(record));
         }
         let why = record.error.clone().unwrap_or_else(|| match record.exit_code {
             Some(code) => format!("exited with code {code}"),
             None => "failed".to_owned(),
         });
         if record.status == AttemptStatus::Cancelled || self.cancelled {
-            return self.finish_step_after(&step, StepStatus::Cancelled, Some(why), Some(&record));
+            return self.finish_step_after(&step, StepStatus::Cancelled, Some(why), Some(record));
         }
         let attempts = self.nodes[&step.id].attempts;
         let retryable_code = step.retry.on_exit_codes.is_empty()
             || record.exit_code.is_some_and(|c| step.retry.on_exit_codes.contains(&c));
         if attempts < step.retry.attempts && retryable_code && done.kind == AttemptKind::Main {
-            self.engine.store.attempt_finished(&record)?;
+            self.journal.push(Write::AttemptFinished(record));
             let wait = backoff(&step.retry, attempts + 1);
             let node = self.nodes.get_mut(&step.id).expect("node");
             node.status = StepStatus::Pending;
             node.not_before = Some(Instant::now() + wait);
             self.timers.insert(step.id.clone());
-            self.engine.store.set_step_status(&self.run_id, &step.id, StepStatus::Pending, Some(&why))?;
-            self.engine.emit(
-                &self.run_id,
-                &self.plan,
+            self.journal.push(Write::StepStatus {
+                run_id: self.run_id.clone(),
+                step_id: step.id.clone(),
+                status: StepStatus::Pending,
+                error: Some(why.clone()),
+            });
+            self.emit(
                 "step.retrying",
                 Some(&step.id),
                 Severity::Warning,
@@ -1221,7 +1276,7 @@ impl RunState {
             );
             return Ok(());
         }
-        self.finish_step_after(&step, StepStatus::Failed, Some(why), Some(&record))
+        self.finish_step_after(&step, StepStatus::Failed, Some(why), Some(record))
     }
 
     fn finish_step(&mut self, step: &PlannedStep, status: StepStatus, error: Option<String>) -> Result<()> {
@@ -1235,7 +1290,7 @@ impl RunState {
         step: &PlannedStep,
         status: StepStatus,
         error: Option<String>,
-        attempt: Option<&AttemptRecord>,
+        attempt: Option<AttemptRecord>,
     ) -> Result<()> {
         self.finished_counter += 1;
         self.just_finished.push(step.id.clone());
@@ -1247,10 +1302,16 @@ impl RunState {
         node.finished_seq = self.finished_counter;
         let outputs = serde_json::to_string(&node.outputs).unwrap_or_else(|_| "{}".into());
         let error = error.map(|e| self.redactor.redact(&e));
-        match attempt {
-            Some(a) => self.engine.store.attempt_and_step_finished(a, status, &outputs, error.as_deref())?,
-            None => self.engine.store.step_finished(&self.run_id, &step.id, status, &outputs, error.as_deref())?,
+        if let Some(a) = attempt {
+            self.journal.push(Write::AttemptFinished(a));
         }
+        self.journal.push(Write::StepFinished {
+            run_id: self.run_id.clone(),
+            step_id: step.id.clone(),
+            status,
+            outputs_json: outputs,
+            error: error.clone(),
+        });
         let (kind, severity) = match status {
             StepStatus::Succeeded => ("step.succeeded", Severity::Info),
             StepStatus::Skipped => ("step.skipped", Severity::Info),
@@ -1261,7 +1322,7 @@ impl RunState {
         if let Some(e) = &error {
             message.push_str(&format!(": {e}"));
         }
-        self.engine.emit(&self.run_id, &self.plan, kind, Some(&step.id), severity, message);
+        self.emit(kind, Some(&step.id), severity, message);
         if status == StepStatus::Failed && !step.continue_on_error && self.plan.steps.iter().any(|s| s.id == step.id) {
             self.failure
                 .get_or_insert_with(|| format!("step `{}` failed: {}", step.id, error.clone().unwrap_or_default()));

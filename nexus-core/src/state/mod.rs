@@ -372,6 +372,59 @@ pub struct RunFilter {
     pub limit: Option<usize>,
 }
 
+/// One journal write; see [`StateStore::commit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// See [`StateStore::set_step_status`].
+    StepStatus {
+        /// The run.
+        run_id: String,
+        /// The step.
+        step_id: String,
+        /// Its new status.
+        status: StepStatus,
+        /// Why (replaces the step's error).
+        error: Option<String>,
+    },
+    /// See [`StateStore::attempt_started`].
+    AttemptStarted(AttemptRecord),
+    /// See [`StateStore::attempt_finished`].
+    AttemptFinished(AttemptRecord),
+    /// See [`StateStore::step_finished`].
+    StepFinished {
+        /// The run.
+        run_id: String,
+        /// The step.
+        step_id: String,
+        /// Its final status.
+        status: StepStatus,
+        /// Its outputs, a JSON object of strings.
+        outputs_json: String,
+        /// Why it did not succeed.
+        error: Option<String>,
+    },
+}
+
+impl Write {
+    /// The run written to.
+    pub fn run_id(&self) -> &str {
+        match self {
+            Write::StepStatus { run_id, .. } | Write::StepFinished { run_id, .. } => run_id,
+            Write::AttemptStarted(a) | Write::AttemptFinished(a) => &a.run_id,
+        }
+    }
+
+    /// The name of the operation, for errors.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            Write::StepStatus { .. } => "state.set_step_status",
+            Write::AttemptStarted(_) => "state.attempt_started",
+            Write::AttemptFinished(_) => "state.attempt_finished",
+            Write::StepFinished { .. } => "state.step_finished",
+        }
+    }
+}
+
 /// The journal. Every method is one short transaction; implementations must tolerate
 /// several processes using the same store at once.
 pub trait StateStore: Send + Sync {
@@ -385,14 +438,26 @@ pub trait StateStore: Send + Sync {
     fn finish_run(&self, run_id: &str, status: RunStatus, error: Option<&str>) -> Result<()>;
     /// Records a run that never started (its group was busy under policy `skip`).
     fn set_run_status(&self, run_id: &str, status: RunStatus) -> Result<()>;
+    /// Applies several journal writes in one transaction: all of them or none. The
+    /// engine journals everything one scheduler pass decided (the attempts that ended,
+    /// the steps that finished, the attempts about to start) in one commit, before any
+    /// of those attempts starts.
+    fn commit(&self, writes: &[Write]) -> Result<()>;
     /// Sets a step's status (pending, skipped, waiting-approval, cancelled…), creating
     /// its row if needed, with an optional reason.
-    fn set_step_status(&self, run_id: &str, step_id: &str, status: StepStatus, error: Option<&str>) -> Result<()>;
+    fn set_step_status(&self, run_id: &str, step_id: &str, status: StepStatus, error: Option<&str>) -> Result<()> {
+        let (run_id, step_id, error) = (run_id.to_owned(), step_id.to_owned(), error.map(str::to_owned));
+        self.commit(&[Write::StepStatus { run_id, step_id, status, error }])
+    }
     /// Before an attempt's side effect: the attempt row (status `running`) and, for a
     /// main attempt, the step `running` with its attempt count — in one transaction.
-    fn attempt_started(&self, attempt: &AttemptRecord) -> Result<()>;
+    fn attempt_started(&self, attempt: &AttemptRecord) -> Result<()> {
+        self.commit(&[Write::AttemptStarted(attempt.clone())])
+    }
     /// After an attempt: its final status, exit code or signal, error.
-    fn attempt_finished(&self, attempt: &AttemptRecord) -> Result<()>;
+    fn attempt_finished(&self, attempt: &AttemptRecord) -> Result<()> {
+        self.commit(&[Write::AttemptFinished(attempt.clone())])
+    }
     /// A step's final status with its outputs (JSON object of strings).
     fn step_finished(
         &self,
@@ -401,18 +466,10 @@ pub trait StateStore: Send + Sync {
         status: StepStatus,
         outputs_json: &str,
         error: Option<&str>,
-    ) -> Result<()>;
-    /// `attempt_finished` and `step_finished` in one transaction (the common case of an
-    /// attempt that ends its step).
-    fn attempt_and_step_finished(
-        &self,
-        attempt: &AttemptRecord,
-        status: StepStatus,
-        outputs_json: &str,
-        error: Option<&str>,
     ) -> Result<()> {
-        self.attempt_finished(attempt)?;
-        self.step_finished(&attempt.run_id, &attempt.step_id, status, outputs_json, error)
+        let (run_id, step_id) = (run_id.to_owned(), step_id.to_owned());
+        let (outputs_json, error) = (outputs_json.to_owned(), error.map(str::to_owned));
+        self.commit(&[Write::StepFinished { run_id, step_id, status, outputs_json, error }])
     }
     /// Marks every `running` attempt (and its step) of the run `interrupted`; returns the
     /// step ids concerned. Used by `resume` once the owner is known to be dead.

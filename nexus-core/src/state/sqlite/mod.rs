@@ -34,7 +34,7 @@ pub use self::migrations::SCHEMA_VERSION;
 use super::{
     ApprovalRecord, AttemptKind, AttemptRecord, AttemptStatus, DeliveryRecord, DeliveryStatus, EventRecord,
     LeaseHolder, NewEvent, Owner, RunFilter, RunRecord, RunStatus, Signals, StateStore, StepRecord, StepStatus,
-    TargetRecord, now_millis,
+    TargetRecord, Write, now_millis,
 };
 use crate::error::{Error, ErrorKind, Result};
 
@@ -208,7 +208,26 @@ text_enum!(AttemptKind {
 });
 
 /// The step statuses a main attempt may not start from (`is_final`), as SQL.
-const FINAL_STEP_STATUSES: &str = "'succeeded','failed','skipped','cancelled','rolled-back'";
+macro_rules! final_step_statuses {
+    () => {
+        "'succeeded','failed','skipped','cancelled','rolled-back'"
+    };
+}
+#[cfg(test)]
+const FINAL_STEP_STATUSES: &str = final_step_statuses!();
+
+/// A main attempt starts: the step becomes `running` unless it is final already.
+const STEP_RUNNING: &str = concat!(
+    "INSERT INTO steps (run_id, step_id, status, attempts, started_at)
+     VALUES (?1, ?2, 'running', ?3, ?4)
+     ON CONFLICT (run_id, step_id) DO UPDATE SET
+         status = 'running', attempts = MAX(attempts, excluded.attempts),
+         started_at = COALESCE(started_at, excluded.started_at),
+         finished_at = NULL, error = NULL
+     WHERE steps.status NOT IN (",
+    final_step_statuses!(),
+    ")"
+);
 
 // ---------------------------------------------------------------------------------------
 // Rows.
@@ -584,101 +603,31 @@ impl StateStore for SqliteStore {
         self.end_run("state.set_run_status", run_id, status, None, false)
     }
 
-    /// Replaces the step's error with `error`; a final status sets `finished_at` (now), a
-    /// non-final one clears it. Outputs and attempt count are kept.
-    fn set_step_status(&self, run_id: &str, step_id: &str, status: StepStatus, error: Option<&str>) -> Result<()> {
-        self.write("state.set_step_status", Some(run_id), |tx| {
-            let finished_at = status.is_final().then(now_millis);
-            tx.prepare_cached(
-                "INSERT INTO steps (run_id, step_id, status, finished_at, error) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (run_id, step_id) DO UPDATE SET
-                     status = excluded.status, finished_at = excluded.finished_at, error = excluded.error",
-            )?
-            .execute(params![run_id, step_id, status, finished_at, error])?;
-            Ok(())
-        })
-    }
-
-    /// The attempt row is stored `running` (whatever `attempt.status` says). For a main
-    /// attempt the step becomes `running`, its count the highest attempt number seen; a
-    /// main attempt of a step that already reached a final status is a conflict (finished
-    /// steps are never run again), and so is an attempt number recorded before.
-    fn attempt_started(&self, attempt: &AttemptRecord) -> Result<()> {
-        let a = attempt;
-        self.write("state.attempt_started", Some(&a.run_id), |tx| {
-            let inserted = tx
-                .prepare_cached(
-                    "INSERT INTO attempts (run_id, step_id, number, kind, status, started_at, log_path)
-                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
-                )?
-                .execute(params![a.run_id, a.step_id, a.number, a.kind, a.started_at, a.log_path]);
-            match inserted {
-                Err(rusqlite::Error::SqliteFailure(f, _))
-                    if f.code == ErrorCode::ConstraintViolation
-                        && f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
-                {
-                    return Err(Fail::domain(
-                        ErrorKind::Conflict,
-                        format!("{} attempt {} of step `{}` is already recorded", a.kind.as_sql(), a.number, a.step_id),
-                    ));
-                }
-                other => other?,
-            };
-            if a.kind == AttemptKind::Main {
-                let changed = tx
-                    .prepare_cached(&format!(
-                        "INSERT INTO steps (run_id, step_id, status, attempts, started_at)
-                         VALUES (?1, ?2, 'running', ?3, ?4)
-                         ON CONFLICT (run_id, step_id) DO UPDATE SET
-                             status = 'running', attempts = MAX(attempts, excluded.attempts),
-                             started_at = COALESCE(started_at, excluded.started_at),
-                             finished_at = NULL, error = NULL
-                         WHERE steps.status NOT IN ({FINAL_STEP_STATUSES})"
-                    ))?
-                    .execute(params![a.run_id, a.step_id, a.number, a.started_at])?;
-                if changed == 0 {
-                    let status: StepStatus = tx
-                        .prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND step_id = ?2")?
-                        .query_row([&a.run_id, &a.step_id], |r| r.get(0))?;
-                    return Err(Fail::domain(
-                        ErrorKind::Conflict,
-                        format!("cannot start an attempt of step `{}`: it is already {}", a.step_id, status.as_sql()),
-                    ));
+    /// All or nothing. `set_step_status` replaces the step's error; a final status sets
+    /// `finished_at` (now), a non-final one clears it; outputs and attempt count are kept.
+    /// `attempt_started` stores the attempt row `running` (whatever its status says); for
+    /// a main attempt the step becomes `running`, its count the highest attempt number
+    /// seen; a main attempt of a step that already reached a final status is a conflict
+    /// (finished steps are never run again), and so is an attempt number recorded before.
+    /// `attempt_finished`: only a `running` attempt can finish (repeating the same final
+    /// status is a no-op); `finished_at` defaults to now.
+    fn commit(&self, writes: &[Write]) -> Result<()> {
+        let Some(first) = writes.first() else { return Ok(()) };
+        let operation = if writes.len() == 1 { first.operation() } else { "state.commit" };
+        self.write(operation, Some(first.run_id()), |tx| {
+            for write in writes {
+                match write {
+                    Write::StepStatus { run_id, step_id, status, error } => {
+                        step_status_tx(tx, run_id, step_id, *status, error.as_deref())?;
+                    }
+                    Write::AttemptStarted(a) => attempt_started_tx(tx, a)?,
+                    Write::AttemptFinished(a) => attempt_finished_tx(tx, a)?,
+                    Write::StepFinished { run_id, step_id, status, outputs_json, error } => {
+                        step_finished_tx(tx, run_id, step_id, *status, outputs_json, error.as_deref())?;
+                    }
                 }
             }
             Ok(())
-        })
-    }
-
-    /// Only a `running` attempt can finish (repeating the same final status is a no-op);
-    /// `finished_at` defaults to now.
-    fn attempt_finished(&self, attempt: &AttemptRecord) -> Result<()> {
-        self.write("state.attempt_finished", Some(&attempt.run_id), |tx| attempt_finished_tx(tx, attempt))
-    }
-
-    fn step_finished(
-        &self,
-        run_id: &str,
-        step_id: &str,
-        status: StepStatus,
-        outputs_json: &str,
-        error: Option<&str>,
-    ) -> Result<()> {
-        self.write("state.step_finished", Some(run_id), |tx| {
-            step_finished_tx(tx, run_id, step_id, status, outputs_json, error)
-        })
-    }
-
-    fn attempt_and_step_finished(
-        &self,
-        attempt: &AttemptRecord,
-        status: StepStatus,
-        outputs_json: &str,
-        error: Option<&str>,
-    ) -> Result<()> {
-        self.write("state.attempt_and_step_finished", Some(&attempt.run_id), |tx| {
-            attempt_finished_tx(tx, attempt)?;
-            step_finished_tx(tx, &attempt.run_id, &attempt.step_id, status, outputs_json, error)
         })
     }
 
@@ -1037,6 +986,59 @@ impl StateStore for SqliteStore {
             Ok(stmt.query_map(params![channel, since], delivery_row)?.collect::<rusqlite::Result<_>>()?)
         })
     }
+}
+
+/// The body of `set_step_status`, inside a write transaction.
+fn step_status_tx(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    step_id: &str,
+    status: StepStatus,
+    error: Option<&str>,
+) -> std::result::Result<(), Fail> {
+    let finished_at = status.is_final().then(now_millis);
+    tx.prepare_cached(
+        "INSERT INTO steps (run_id, step_id, status, finished_at, error) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (run_id, step_id) DO UPDATE SET
+             status = excluded.status, finished_at = excluded.finished_at, error = excluded.error",
+    )?
+    .execute(params![run_id, step_id, status, finished_at, error])?;
+    Ok(())
+}
+
+/// The body of `attempt_started`, inside a write transaction.
+fn attempt_started_tx(tx: &Transaction<'_>, a: &AttemptRecord) -> std::result::Result<(), Fail> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO attempts (run_id, step_id, number, kind, status, started_at, log_path)
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+        )?
+        .execute(params![a.run_id, a.step_id, a.number, a.kind, a.started_at, a.log_path]);
+    match inserted {
+        Err(rusqlite::Error::SqliteFailure(f, _))
+            if f.code == ErrorCode::ConstraintViolation
+                && f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            return Err(Fail::domain(
+                ErrorKind::Conflict,
+                format!("{} attempt {} of step `{}` is already recorded", a.kind.as_sql(), a.number, a.step_id),
+            ));
+        }
+        other => other?,
+    };
+    if a.kind == AttemptKind::Main {
+        let changed = tx.prepare_cached(STEP_RUNNING)?.execute(params![a.run_id, a.step_id, a.number, a.started_at])?;
+        if changed == 0 {
+            let status: StepStatus = tx
+                .prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND step_id = ?2")?
+                .query_row([&a.run_id, &a.step_id], |r| r.get(0))?;
+            return Err(Fail::domain(
+                ErrorKind::Conflict,
+                format!("cannot start an attempt of step `{}`: it is already {}", a.step_id, status.as_sql()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The body of `attempt_finished`, inside a write transaction.

@@ -802,3 +802,52 @@ fn state_previous_verdict_skips_cancelled_runs_and_other_environments() {
     assert_eq!(store.previous_verdict("r-1").unwrap(), None);
     assert_eq!(store.previous_verdict("r-2").unwrap(), None);
 }
+
+#[test]
+fn state_commit_applies_a_pass_all_or_nothing() {
+    let (_dir, store) = store();
+    store.create_run(&run("r-1", "deploy", 1)).unwrap();
+    store.create_steps("r-1", &["build".into(), "test".into(), "deploy".into()]).unwrap();
+    let mut build = attempt("r-1", "build", 1, AttemptKind::Main);
+    store.attempt_started(&build).unwrap();
+
+    // One pass: build ended and finished its step, test starts.
+    build.status = AttemptStatus::Succeeded;
+    build.exit_code = Some(0);
+    let finished = |step: &str| Write::StepFinished {
+        run_id: "r-1".into(),
+        step_id: step.into(),
+        status: StepStatus::Succeeded,
+        outputs_json: r#"{"image":"api:1"}"#.into(),
+        error: None,
+    };
+    let pass = [
+        Write::AttemptFinished(build.clone()),
+        finished("build"),
+        Write::AttemptStarted(attempt("r-1", "test", 1, AttemptKind::Main)),
+    ];
+    store.commit(&pass).unwrap();
+    let status = |store: &SqliteStore| -> Vec<(String, StepStatus)> {
+        store.steps("r-1").unwrap().into_iter().map(|s| (s.step_id, s.status)).collect()
+    };
+    let expected = vec![
+        ("build".to_owned(), StepStatus::Succeeded),
+        ("test".to_owned(), StepStatus::Running),
+        ("deploy".to_owned(), StepStatus::Pending),
+    ];
+    assert_eq!(status(&store), expected);
+    assert_eq!(store.attempts("r-1").unwrap().len(), 2);
+
+    // A pass whose last write is refused (build is final: it never runs again) leaves
+    // nothing behind, not even the writes before it; the error names the batch.
+    let refused = [
+        Write::StepStatus { run_id: "r-1".into(), step_id: "deploy".into(), status: StepStatus::Skipped, error: None },
+        Write::AttemptStarted(attempt("r-1", "build", 2, AttemptKind::Main)),
+    ];
+    let err = store.commit(&refused).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("already succeeded"), "{err}");
+    assert_eq!(status(&store), expected);
+    assert_eq!(store.attempts("r-1").unwrap().len(), 2);
+    store.commit(&[]).unwrap(); // nothing to do
+}
