@@ -28,7 +28,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
-use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, ToSql, params};
 
 pub use self::migrations::SCHEMA_VERSION;
 use super::{
@@ -459,16 +459,11 @@ impl SqliteStore {
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction; rolls back on error.
-    fn write<T>(
-        &self,
-        operation: &'static str,
-        run: Option<&str>,
-        f: impl FnOnce(&Transaction<'_>) -> Res<T>,
-    ) -> Result<T> {
-        let mut conn = self.lock();
+    fn write<T>(&self, operation: &'static str, run: Option<&str>, f: impl FnOnce(&Connection) -> Res<T>) -> Result<T> {
+        let conn = self.lock();
         let result = (|| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let value = f(&tx)?;
+            let tx = Immediate::begin(&conn)?;
+            let value = f(&conn)?;
             tx.commit()?;
             Ok(value)
         })();
@@ -512,6 +507,36 @@ impl SqliteStore {
             }
             Ok(())
         })
+    }
+}
+
+/// An open `BEGIN IMMEDIATE` transaction, rolled back unless committed (also when a
+/// panic unwinds through it). `BEGIN` and `COMMIT` are cached statements: rusqlite's
+/// `Transaction` parses their text again at every write, a measurable share of a
+/// scheduler pass.
+struct Immediate<'c> {
+    conn: &'c Connection,
+    committed: bool,
+}
+
+impl<'c> Immediate<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(Immediate { conn, committed: false })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Immediate<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 }
 
@@ -990,7 +1015,7 @@ impl StateStore for SqliteStore {
 
 /// The body of `set_step_status`, inside a write transaction.
 fn step_status_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     run_id: &str,
     step_id: &str,
     status: StepStatus,
@@ -1007,7 +1032,7 @@ fn step_status_tx(
 }
 
 /// The body of `attempt_started`, inside a write transaction.
-fn attempt_started_tx(tx: &Transaction<'_>, a: &AttemptRecord) -> std::result::Result<(), Fail> {
+fn attempt_started_tx(tx: &Connection, a: &AttemptRecord) -> std::result::Result<(), Fail> {
     let inserted = tx
         .prepare_cached(
             "INSERT INTO attempts (run_id, step_id, number, kind, status, started_at, log_path)
@@ -1042,7 +1067,7 @@ fn attempt_started_tx(tx: &Transaction<'_>, a: &AttemptRecord) -> std::result::R
 }
 
 /// The body of `attempt_finished`, inside a write transaction.
-fn attempt_finished_tx(tx: &Transaction<'_>, a: &AttemptRecord) -> std::result::Result<(), Fail> {
+fn attempt_finished_tx(tx: &Connection, a: &AttemptRecord) -> std::result::Result<(), Fail> {
     if a.status == AttemptStatus::Running {
         return Err(Fail::domain(ErrorKind::Internal, "attempt_finished called with status running"));
     }
@@ -1084,7 +1109,7 @@ fn attempt_finished_tx(tx: &Transaction<'_>, a: &AttemptRecord) -> std::result::
 
 /// The body of `step_finished`, inside a write transaction.
 fn step_finished_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     run_id: &str,
     step_id: &str,
     status: StepStatus,
