@@ -20,7 +20,7 @@ use crate::error::ErrorKind;
 pub(super) const APPLICATION_ID: i32 = 0x4e58_5331;
 
 /// The ordered migrations: entry `i` brings the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build of Nexus writes (the number of migrations).
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -230,4 +230,11 @@ CREATE TABLE attempt_targets (
     error        TEXT,
     PRIMARY KEY (run_id, step_id, kind, number, target)
 );
+"#;
+
+/// Version 4: no partial index of running attempts. Every attempt's start and end had
+/// to update it (a page more in each scheduler pass's commit) for `interrupt_running`,
+/// which runs once per `resume` and finds a run's attempts by the unique index anyway.
+const V4: &str = r#"
+DROP INDEX attempts_running;
 "#;
