@@ -602,7 +602,7 @@ impl RunState {
         }
     }
 
-    /// Commits the journal, then publishes its events and starts its attempts: nothing
+    /// Commits the journal, then starts its attempts and publishes its events: nothing
     /// starts, and nobody hears of a transition, before it is on disk. If the commit
     /// fails, none of it happened (the attempts are dropped unstarted).
     fn commit(&mut self) -> Result<()> {
@@ -614,11 +614,13 @@ impl RunState {
                 return Err(e);
             }
         }
-        for event in self.unannounced.drain(..) {
-            self.engine.bus.publish(event);
-        }
+        // Attempts first: on a current-thread runtime, tasks run in the order they were
+        // woken, and a subscriber printing the events should not delay a process start.
         for launch in self.launches.drain(..) {
             self.running.spawn(launch);
+        }
+        for event in self.unannounced.drain(..) {
+            self.engine.bus.publish(event);
         }
         Ok(())
     }
