@@ -707,7 +707,7 @@ impl RunState {
         planned.action = rollback.action.clone();
         planned.timeout = rollback.timeout;
         self.emit("step.rolling-back", Some(&step.id), Severity::Warning, format!("rolling back {}", step.id));
-        self.commit()?; // the count below reads the journal
+        self.commit()?; // the count below reads the store
         let number = self
             .engine
             .store
