@@ -430,12 +430,7 @@ impl Engine {
                 },
             ));
         }
-        let mut event = Event::new(kind, severity, message);
-        event.run_id = Some(run_id.to_owned());
-        event.pipeline = Some(plan.pipeline.clone());
-        event.environment = Some(plan.environment.clone());
-        event.step = step.map(str::to_owned);
-        event
+        run_event(run_id, plan, kind, step, severity, message)
     }
 
     /// Journals the buffered events. Best effort: losing an event must not fail a run
@@ -470,6 +465,16 @@ impl Engine {
         self.runners.lock().expect("runner cache").insert(name.to_owned(), runner.clone());
         Ok(runner)
     }
+}
+
+/// An event of run `run_id` of `plan`.
+fn run_event(run_id: &str, plan: &Plan, kind: &str, step: Option<&str>, severity: Severity, message: String) -> Event {
+    let mut event = Event::new(kind, severity, message);
+    event.run_id = Some(run_id.to_owned());
+    event.pipeline = Some(plan.pipeline.clone());
+    event.environment = Some(plan.environment.clone());
+    event.step = step.map(str::to_owned);
+    event
 }
 
 /// Whether the owner of a run is alive: a fresh heartbeat, and on this host a live pid.
@@ -531,7 +536,7 @@ type Launch = std::pin::Pin<Box<dyn std::future::Future<Output = AttemptDone> + 
 ///
 /// A scheduler pass decides transitions (attempts that ended, steps that finished,
 /// attempts to start) into `journal`; [`RunState::commit`] writes them in one
-/// transaction, then publishes their events and starts the attempts. So every
+/// transaction, then starts the attempts and publishes their events. So every
 /// transition is on disk before the side effect it announces, at one commit per pass
 /// rather than one per transition.
 struct RunState {
@@ -629,6 +634,16 @@ impl RunState {
     fn emit(&mut self, kind: &str, step: Option<&str>, severity: Severity, message: String) {
         let event = self.engine.record_event(&self.run_id, &self.plan, kind, step, severity, message);
         self.unannounced.push(event);
+    }
+
+    /// Journals a step's new status (a final one with outputs: `finish_step_after`).
+    fn journal_status(&mut self, step_id: &str, status: StepStatus, error: Option<String>) {
+        self.journal.push(Write::StepStatus {
+            run_id: self.run_id.clone(),
+            step_id: step_id.to_owned(),
+            status,
+            error,
+        });
     }
 
     /// Attempts started or about to start.
@@ -739,12 +754,7 @@ impl RunState {
                 if let Some(node) = self.nodes.get_mut(&step.id) {
                     node.status = StepStatus::RolledBack;
                 }
-                self.journal.push(Write::StepStatus {
-                    run_id: self.run_id.clone(),
-                    step_id: step.id.clone(),
-                    status: StepStatus::RolledBack,
-                    error: None,
-                });
+                self.journal_status(&step.id, StepStatus::RolledBack, None);
                 self.emit("step.rolled-back", Some(&step.id), Severity::Warning, format!("{} rolled back", step.id));
             } else {
                 let why = done.error.unwrap_or_else(|| "rollback failed".into());
@@ -956,12 +966,7 @@ impl RunState {
                 if deadline.is_some() {
                     self.timers.insert(step.id.clone());
                 }
-                self.journal.push(Write::StepStatus {
-                    run_id: self.run_id.clone(),
-                    step_id: step.id.clone(),
-                    status: StepStatus::WaitingApproval,
-                    error: None,
-                });
+                self.journal_status(&step.id, StepStatus::WaitingApproval, None);
                 let message = self.render_text(step, message);
                 self.emit(
                     "approval.requested",
@@ -1163,11 +1168,8 @@ impl RunState {
                 } else {
                     message.clone()
                 };
-                let mut event = Event::new("step.notify", *severity, self.redactor.redact(&message));
-                event.run_id = Some(self.run_id.clone());
-                event.pipeline = Some(self.plan.pipeline.clone());
-                event.environment = Some(self.plan.environment.clone());
-                event.step = Some(step.id.clone());
+                let message = self.redactor.redact(&message);
+                let event = run_event(&self.run_id, &self.plan, "step.notify", Some(&step.id), *severity, message);
                 Ok(Prepared::Notify {
                     engine: self.engine.clone(),
                     event: Box::new(event),
@@ -1260,12 +1262,7 @@ impl RunState {
             node.status = StepStatus::Pending;
             node.not_before = Some(Instant::now() + wait);
             self.timers.insert(step.id.clone());
-            self.journal.push(Write::StepStatus {
-                run_id: self.run_id.clone(),
-                step_id: step.id.clone(),
-                status: StepStatus::Pending,
-                error: Some(why.clone()),
-            });
+            self.journal_status(&step.id, StepStatus::Pending, Some(why.clone()));
             self.emit(
                 "step.retrying",
                 Some(&step.id),
