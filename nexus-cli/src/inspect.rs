@@ -32,6 +32,15 @@ fn run_or_exit(store: &dyn StateStore, run_id: &str) -> Result<RunRecord, u8> {
     }
 }
 
+/// `exit 3`, `signal 9`, or nothing when the process never ended on its own.
+fn how_it_ended(exit_code: Option<i32>, signal: Option<i32>) -> String {
+    match (exit_code, signal) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        (None, None) => String::new(),
+    }
+}
+
 /// The name of a status or kind as it is written in JSON and in the store (`timed-out`).
 fn status_name(s: impl serde::Serialize) -> String {
     serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
@@ -145,11 +154,7 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
         for a in &attempts {
             let kind = status_name(a.kind);
             let status = status_name(a.status);
-            let exit = a
-                .exit_code
-                .map(|c| format!("exit {c}"))
-                .or(a.signal.map(|s| format!("signal {s}")))
-                .unwrap_or_default();
+            let exit = how_it_ended(a.exit_code, a.signal);
             outln!(
                 "  {} #{} {kind:<8} {status:<11} {exit:<8} {}",
                 a.step_id,
@@ -158,11 +163,7 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
             );
             for t in targets.iter().filter(|t| t.step_id == a.step_id && t.number == a.number && t.kind == a.kind) {
                 let status = if t.skipped { "not-started".to_owned() } else { status_name(t.status) };
-                let exit = t
-                    .exit_code
-                    .map(|c| format!("exit {c}"))
-                    .or(t.signal.map(|s| format!("signal {s}")))
-                    .unwrap_or_default();
+                let exit = how_it_ended(t.exit_code, t.signal);
                 outln!(
                     "      {:<20} {status:<11} {exit:<8} {}  log: {}",
                     t.target,
