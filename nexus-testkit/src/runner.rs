@@ -421,7 +421,6 @@ echo "on stderr: $NEXUS_CONF_TOKEN" >&2"#
     let mut task = target.task("secret", &script);
     task.secrets = vec![("NEXUS_CONF_TOKEN".into(), SecretValue::new(secret.clone()))];
     let outcome = target.outcome(runner, &task, &sink, check).await;
-    sink.finish();
     let text = std::fs::read_to_string(&log)
         .unwrap_or_else(|e| panic!("{}: {check}: the FileSink wrote no log at {}: {e}", target.name, log.display()));
     let lines: Vec<String> = text.lines().filter_map(parse_line).map(|l| format!("{} {}", l.stream, l.text)).collect();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,10 +40,12 @@ impl LiveStatus {
 }
 
 /// Writes an attempt's lines to its log file as `<unix-ms> <out|err> <line>`. The file
-/// is created with the first line: a silent attempt costs no file.
+/// is created with the first line: a silent attempt costs no file. Each line is written
+/// as it comes, unbuffered, so `nexus logs --follow` shows a running step's lines at
+/// once and the log of a process that was killed holds every line it was given.
 pub struct FileSink {
     path: std::path::PathBuf,
-    file: Mutex<Option<BufWriter<File>>>,
+    file: Mutex<Option<File>>,
     redactor: Redactor,
     live: LiveStatus,
     step: String,
@@ -61,15 +63,6 @@ impl FileSink {
     pub fn take_targets(&self) -> Vec<TargetReport> {
         self.targets.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default()
     }
-
-    /// Flushes the file.
-    pub fn finish(&self) {
-        if let Ok(mut f) = self.file.lock()
-            && let Some(f) = f.as_mut()
-        {
-            let _ = f.flush();
-        }
-    }
 }
 
 impl LogSink for FileSink {
@@ -83,11 +76,12 @@ impl LogSink for FileSink {
         if let Ok(mut f) = self.file.lock() {
             if f.is_none() {
                 // A log that cannot be created must not kill the step.
-                *f = File::create(&self.path).ok().map(BufWriter::new);
+                *f = File::create(&self.path).ok();
             }
             if let Some(f) = f.as_mut() {
-                // A full disk must not kill the step either; the log stops growing.
-                let _ = writeln!(f, "{ms} {tag} {line}");
+                // One write per line. A full disk must not kill the step either; the
+                // log stops growing.
+                let _ = f.write_all(format!("{ms} {tag} {line}\n").as_bytes());
             }
         }
         self.live.set(&self.step, &line);
@@ -129,12 +123,6 @@ impl LogSink for TargetSink<'_> {
 
     fn target_finished(&self, report: &TargetReport) {
         self.attempt.target_finished(report);
-    }
-}
-
-impl Drop for TargetSink<'_> {
-    fn drop(&mut self) {
-        self.own.finish();
     }
 }
 

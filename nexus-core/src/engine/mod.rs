@@ -1422,7 +1422,6 @@ impl Prepared {
             Prepared::Command { runner, task, log_path, redactor, store, attempt } => {
                 let sink = logs::FileSink::create(&log_path, redactor.clone(), live, task.step_id.clone())?;
                 let result = runner.run(&task, &sink, cancel).await;
-                sink.finish();
                 record_targets(store.as_ref(), &attempt, &redactor, sink.take_targets());
                 let outcome = result?;
                 let status = if outcome.success() { AttemptStatus::Succeeded } else { AttemptStatus::Failed };
@@ -1471,7 +1470,6 @@ impl Prepared {
                     };
                     crate::traits::LogSink::line(&sink, crate::traits::Stream::Stdout, &line);
                 }
-                sink.finish();
                 // The step fails only when nobody got the message: one flaky channel
                 // among several must not fail the pipeline.
                 let all_failed = !deliveries.is_empty() && failed.len() == deliveries.len();
