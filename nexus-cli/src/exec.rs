@@ -108,12 +108,12 @@ pub fn cmd_plan(
 }
 
 /// `nexus graph`.
-pub fn cmd_graph(config: &Path, pipeline: Option<&str>, env: Option<&str>, format: &str) -> u8 {
+pub fn cmd_graph(config: &Path, pipeline: Option<&str>, env: Option<&str>, params: &[String], format: &str) -> u8 {
     let loaded = match load(config) {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let plan = match make_plan(&loaded, pipeline, env, &[]) {
+    let plan = match make_plan(&loaded, pipeline, env, params) {
         Ok(p) => p,
         Err(code) => return code,
     };

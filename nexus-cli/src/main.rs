@@ -132,13 +132,19 @@ enum Command {
         save: Option<PathBuf>,
     },
     /// Print a pipeline's DAG in Graphviz DOT or Mermaid.
-    #[command(after_help = "Examples:\n  nexus graph ci | dot -Tsvg > ci.svg\n  nexus graph deploy --format mermaid")]
+    #[command(
+        after_help = "Examples:\n  nexus graph ci | dot -Tsvg > ci.svg\n  nexus graph deploy --format mermaid --param version=1.4.2"
+    )]
     Graph {
         /// Pipeline (default: `defaults.pipeline`).
         pipeline: Option<String>,
         /// Environment (default: `defaults.environment`).
         #[arg(long)]
         env: Option<String>,
+        /// A pipeline parameter, `name=value` (repeatable): a pipeline with required
+        /// parameters is planned, and so drawn, with them.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
         /// `dot` or `mermaid`.
         #[arg(long, default_value = "dot", value_parser = ["dot", "mermaid"])]
         format: String,
@@ -291,8 +297,8 @@ fn main() -> ExitCode {
         Command::Plan { pipeline, env, params, save } => {
             exec::cmd_plan(&cli.config, cli.output, pipeline.as_deref(), env.as_deref(), params, save.as_deref())
         }
-        Command::Graph { pipeline, env, format } => {
-            exec::cmd_graph(&cli.config, pipeline.as_deref(), env.as_deref(), format)
+        Command::Graph { pipeline, env, params, format } => {
+            exec::cmd_graph(&cli.config, pipeline.as_deref(), env.as_deref(), params, format)
         }
         Command::Run { pipeline, env, params, plan } => exec::cmd_run(
             &cli.config,
