@@ -1,6 +1,7 @@
 //! The engine, driven through the real `nexus` binary: crash and resume, retries,
 //! timeouts, cancellation, rollbacks, outputs, approvals, concurrency groups, secret
-//! redaction, conditions and `retry --from`.
+//! redaction, conditions and `retry --from`; named locks and the run's parallelism;
+//! saved plans and `graph`; `logs --follow`; exit codes.
 //!
 //! Every pipeline lives in `tests/run/ssot/pipeline_registry.yaml`, runs on the `local`
 //! runner and writes only into the test's temporary directory (its `dir` param). Tests
@@ -83,12 +84,17 @@ mod helper {
         /// `nexus --config FIXTURE --state STATE ARGS…`, nothing inherited that could
         /// change its behaviour.
         pub fn command(&self, args: &[&str]) -> Command {
+            self.command_at(&config(), &self.state, args)
+        }
+
+        /// The same with another configuration or state directory.
+        pub fn command_at(&self, config: &Path, state: &Path, args: &[&str]) -> Command {
             let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
             command
                 .arg("--config")
-                .arg(config())
+                .arg(config)
                 .arg("--state")
-                .arg(&self.state)
+                .arg(state)
                 .args(args)
                 .env_remove("NEXUS_CONFIG")
                 .env_remove("NEXUS_STATE")
@@ -109,6 +115,11 @@ mod helper {
             command.stderr(File::create(&err).expect("stderr file"));
             let child = command.spawn().expect("the nexus binary starts");
             Spawned { child, out, err, done: false }
+        }
+
+        /// A directory for the test's own files (not the pipelines' `dir`).
+        pub fn scratch(&self) -> &Path {
+            self.tmp.path()
         }
 
         /// Starts `nexus ARGS…`.
@@ -762,4 +773,144 @@ fn retry_from_a_step_reuses_upstream_outputs() {
     assert!(attempts_of(&show, "up").is_empty(), "no attempt of `up` in the retry");
     assert_eq!(attempts_of(&show, "down").len(), 1);
     assert_eq!(env.run_record(&old)["status"], "failed", "the retried run is left as it was");
+}
+
+#[test]
+fn concurrency_group_cancel_running_cancels_the_running_run() {
+    let env = Env::new();
+    let a = env.spawn_run("group-cancel");
+    let a_id = a.run_id();
+    wait_until("run A's step to start", || env.trace().contains(&format!("start {a_id}")));
+    let b = env.spawn_run("group-cancel");
+    let b_id = b.run_id();
+    let a = a.wait();
+    assert_eq!(a.code, Some(1), "A is cancelled by B: {}", a.dump());
+    assert_eq!(env.run_record(&a_id)["status"], "cancelled");
+    let a_pgid = read_pid(&env.work.join(format!("{a_id}.pgid"))).expect("A's step recorded its group");
+    wait_until("A's step processes to be gone", || pid_is_dead(a_pgid));
+    wait_until("run B's step to start", || env.trace().contains(&format!("start {b_id}")));
+
+    env.touch("release");
+    let b = b.wait();
+    assert_eq!(b.code, Some(0), "{}", b.dump());
+    assert_eq!(env.run_record(&b_id)["status"], "succeeded");
+    assert_eq!(env.trace(), [format!("start {a_id}"), format!("start {b_id}"), format!("end {b_id}")]);
+}
+
+#[test]
+fn a_named_lock_is_held_across_runs_and_processes() {
+    let env = Env::new();
+    let a = env.spawn_run("locked");
+    let a_id = a.run_id();
+    wait_until("run A's step to start", || env.trace().contains(&format!("start {a_id}")));
+    let b = env.spawn_run("locked");
+    let b_id = b.run_id();
+    // B is running and has retried the lock at two heartbeats at least, in vain.
+    wait_until("run B to be running", || env.run_record(&b_id)["status"] == "running");
+    let beat = |env: &Env| env.show(&b_id)["run"]["heartbeat_at"].as_i64().expect("heartbeat_at");
+    let first_beat = beat(&env);
+    wait_until("two more heartbeats of run B", || beat(&env) >= first_beat + 2 * 250);
+    assert_eq!(env.trace(), [format!("start {a_id}")], "B must not take lock `db` while A holds it");
+    assert_eq!(status_of(&env.show(&b_id), "work"), "pending");
+
+    env.touch("release");
+    let (a, b) = (a.wait(), b.wait());
+    assert_eq!(a.code, Some(0), "{}", a.dump());
+    assert_eq!(b.code, Some(0), "{}", b.dump());
+    assert_eq!(
+        env.trace(),
+        [format!("start {a_id}"), format!("end {a_id}"), format!("start {b_id}"), format!("end {b_id}")]
+    );
+}
+
+#[test]
+fn the_run_parallelism_bounds_the_steps_running_at_once() {
+    let env = Env::new();
+    let done = env.run("parallel");
+    assert_eq!(done.code, Some(0), "{}", done.dump());
+    // Each step wrote how many steps were running when it started, itself included.
+    let counts: Vec<u32> = env.trace().iter().map(|l| l.trim().parse().expect("a count")).collect();
+    assert_eq!(counts.len(), 6, "{counts:?}");
+    assert!(counts.iter().all(|&n| (1..=2).contains(&n)), "more than 2 at once: {counts:?}");
+    assert!(counts.contains(&2), "the steps never ran side by side: {counts:?}");
+}
+
+#[test]
+fn a_saved_plan_runs_and_is_refused_once_the_registries_change() {
+    let env = Env::new();
+    let config = env.scratch().join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    for entry in std::fs::read_dir(helper::config()).unwrap().flatten() {
+        std::fs::copy(entry.path(), config.join(entry.file_name())).unwrap();
+    }
+    let plan = env.scratch().join("outputs.plan.json");
+    let dir = format!("dir={}", env.work.display());
+    let plan_arg = plan.to_str().unwrap();
+    let saved = env
+        .spawn_command(env.command_at(&config, &env.state, &["plan", "outputs", "--param", &dir, "--save", plan_arg]))
+        .wait();
+    assert_eq!(saved.code, Some(0), "{}", saved.dump());
+    let stored: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(stored["pipeline"], "outputs");
+
+    let ran = env.spawn_command(env.command_at(&config, &env.state, &["run", "--plan", plan_arg])).wait();
+    assert_eq!(ran.code, Some(0), "{}", ran.dump());
+    let answer = env.work.join("answer");
+    assert_eq!(std::fs::read_to_string(&answer).unwrap().trim(), "42", "the saved plan's steps ran");
+    std::fs::remove_file(&answer).unwrap();
+
+    let orchestration = config.join("orchestration_registry.yaml");
+    let text = std::fs::read_to_string(&orchestration).unwrap();
+    std::fs::write(&orchestration, text.replace("timeout: 2m", "timeout: 3m")).unwrap();
+    let refused = env.spawn_command(env.command_at(&config, &env.state, &["run", "--plan", plan_arg])).wait();
+    assert_eq!(refused.code, Some(2), "{}", refused.dump());
+    assert!(refused.stderr.contains("changed"), "the refusal says why: {}", refused.dump());
+    assert!(!answer.exists(), "a refused plan runs nothing");
+}
+
+#[test]
+fn graph_draws_the_dag_as_dot_and_mermaid() {
+    let env = Env::new();
+    let dot = env.nexus(&["graph", "outputs", "--format", "dot", "--param", "dir=/unused"]);
+    assert_eq!(dot.code, Some(0), "{}", dot.dump());
+    assert!(dot.stdout.starts_with("digraph \"outputs\" {"), "{}", dot.dump());
+    assert!(dot.stdout.contains("\"one\" -> \"two\";"), "{}", dot.dump());
+    let mermaid = env.nexus(&["graph", "outputs", "--format", "mermaid", "--param", "dir=/unused"]);
+    assert_eq!(mermaid.code, Some(0), "{}", mermaid.dump());
+    assert!(mermaid.stdout.starts_with("flowchart LR"), "{}", mermaid.dump());
+    assert!(mermaid.stdout.contains("one --> two"), "{}", mermaid.dump());
+}
+
+#[test]
+fn logs_follow_streams_a_running_step_until_the_run_ends() {
+    let env = Env::new();
+    let run = env.spawn_run("follow");
+    let id = run.run_id();
+    let follow = env.spawn(&["logs", &id, "--follow"]);
+    wait_until("`logs --follow` to print the first line", || {
+        std::fs::read_to_string(&follow.out).unwrap_or_default().contains("first line")
+    });
+    assert!(!std::fs::read_to_string(&follow.out).unwrap_or_default().contains("last line"));
+    env.touch("release");
+    let (run, follow) = (run.wait(), follow.wait());
+    assert_eq!(run.code, Some(0), "{}", run.dump());
+    assert_eq!(follow.code, Some(0), "`logs --follow` ends with the run: {}", follow.dump());
+    assert!(follow.stdout.contains("last line"), "{}", follow.dump());
+}
+
+#[test]
+fn exit_codes_tell_usage_from_failure_from_internal_errors() {
+    let env = Env::new();
+    let unknown = env.nexus(&["run", "no-such-pipeline"]);
+    assert_eq!(unknown.code, Some(2), "{}", unknown.dump());
+    assert!(unknown.stderr.contains("unknown pipeline `no-such-pipeline`"), "{}", unknown.dump());
+    let failed = env.run("signal");
+    assert_eq!(failed.code, Some(1), "{}", failed.dump());
+    // A state directory that cannot exist (under a file): the store cannot be opened.
+    let file = env.scratch().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let command = env.command_at(&helper::config(), &file.join("state"), &["run", "outputs", "--param", "dir=/unused"]);
+    let internal = env.spawn_command(command).wait();
+    assert_eq!(internal.code, Some(3), "{}", internal.dump());
+    assert!(internal.stderr.contains("cannot open the state store"), "{}", internal.dump());
 }
