@@ -31,8 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -420,9 +419,8 @@ impl KubernetesRunner {
         })
     }
 
-    /// The Job of an attempt.
-    pub fn job(&self, task: &Task, names: &Names) -> Result<Job> {
-        let image = self.image(task)?;
+    /// The Job of an attempt, running `image` (see [`KubernetesRunner::image`]).
+    pub fn job(&self, task: &Task, names: &Names, image: &str) -> Result<Job> {
         let mut command = vec!["sh".to_owned(), "-c".to_owned(), WRAPPER.to_owned(), "nexus".to_owned()];
         command.push(names.marker.clone());
         command.extend(Self::program(task)?);
@@ -471,7 +469,7 @@ impl KubernetesRunner {
         });
         let container = Container {
             name: CONTAINER.to_owned(),
-            image: Some(image),
+            image: Some(image.to_owned()),
             command: Some(command),
             env: Some(env),
             working_dir: task.working_dir.clone(),
@@ -611,18 +609,17 @@ struct Created {
     cluster: Option<Cluster>,
     namespace: String,
     job: String,
-    keep_job: bool,
     /// Whether the Secret's creation was sent (it may exist).
-    secret_sent: AtomicBool,
+    secret_sent: bool,
     /// Whether the Job's creation was sent (it may exist).
-    job_sent: AtomicBool,
+    job_sent: bool,
 }
 
 impl Drop for Created {
     fn drop(&mut self) {
         let Some(cluster) = self.cluster.take() else { return };
         let (namespace, job) = (self.namespace.clone(), self.job.clone());
-        let (job_sent, secret) = (self.job_sent.load(Ordering::Relaxed), self.secret_sent.load(Ordering::Relaxed));
+        let (job_sent, secret) = (self.job_sent, self.secret_sent);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if job_sent {
@@ -720,7 +717,8 @@ impl Runner for KubernetesRunner {
         }
         let deadline = task.timeout.map(|t| Instant::now() + t);
         let names = self.names(task);
-        let job = self.job(task, &names)?;
+        let image = self.image(task)?;
+        let job = self.job(task, &names, &image)?;
         let secret = self.secret(task, &names);
         let cluster = tokio::select! {
             biased;
@@ -732,16 +730,14 @@ impl Runner for KubernetesRunner {
             cluster: Some(cluster.clone()),
             namespace: self.spec.namespace.clone(),
             job: names.job.clone(),
-            keep_job: self.spec.ttl_seconds_after_finished.is_some(),
-            secret_sent: AtomicBool::new(false),
-            job_sent: AtomicBool::new(false),
+            secret_sent: false,
+            job_sent: false,
         };
-        let follow = Follow::new(&names.marker, logs);
         let result = tokio::select! {
             biased;
             () = cancel.cancelled() => Err(Stop::Cancelled),
             () = sleep_until_some(deadline) => Err(Stop::TimedOut),
-            result = self.execute(cluster, task, &names, (job, secret), &follow, &created) => Ok(result),
+            result = self.execute(cluster, task, &names, (&image, job, secret), logs, &mut created) => Ok(result),
         };
         match result {
             Ok(Ok(outcome)) => {
@@ -774,61 +770,62 @@ impl Runner for KubernetesRunner {
                 .with_context("runner", KUBERNETES_KIND)
                 .with_context("run", run_id)
         };
-        let jobs = self.jobs(cluster);
-        for job in jobs.list(&selector).await.map_err(|e| fail(e, "Jobs"))?.items {
-            if let (true, Some(name)) = (ours(&job.metadata), &job.metadata.name) {
-                match jobs.delete(name, &DeleteParams::foreground()).await {
-                    Ok(_) => {}
-                    Err(e) if status_code(&e) == Some(404) => {}
-                    Err(e) => return Err(fail(e, "Jobs")),
-                }
-            }
-        }
-        let pods = self.pods(cluster);
-        for pod in pods.list(&selector).await.map_err(|e| fail(e, "pods"))?.items {
-            if let (true, Some(name)) = (ours(&pod.metadata), &pod.metadata.name) {
-                match pods.delete(name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(e) if status_code(&e) == Some(404) => {}
-                    Err(e) => return Err(fail(e, "pods")),
-                }
-            }
-        }
-        let secrets = self.secrets(cluster);
-        for secret in secrets.list(&selector).await.map_err(|e| fail(e, "Secrets"))?.items {
-            if let (true, Some(name)) = (ours(&secret.metadata), &secret.metadata.name) {
-                match secrets.delete(name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(e) if status_code(&e) == Some(404) => {}
-                    Err(e) => return Err(fail(e, "Secrets")),
-                }
-            }
-        }
-        Ok(())
+        delete_listed(&self.jobs(cluster), &selector, &DeleteParams::foreground(), ours)
+            .await
+            .map_err(|e| fail(e, "Jobs"))?;
+        delete_listed(&self.pods(cluster), &selector, &DeleteParams::default(), ours)
+            .await
+            .map_err(|e| fail(e, "pods"))?;
+        delete_listed(&self.secrets(cluster), &selector, &DeleteParams::default(), ours)
+            .await
+            .map_err(|e| fail(e, "Secrets"))
     }
 }
 
+/// Deletes the objects of `api` that `selector` lists and `ours` accepts; one already
+/// gone (404) is not an error.
+async fn delete_listed<K>(
+    api: &Api<K>,
+    selector: &ListParams,
+    params: &DeleteParams,
+    ours: impl Fn(&ObjectMeta) -> bool,
+) -> std::result::Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug,
+{
+    for object in api.list(selector).await?.items {
+        let meta = object.meta();
+        if let (true, Some(name)) = (ours(meta), &meta.name) {
+            match api.delete(name, params).await {
+                Ok(_) => {}
+                Err(e) if status_code(&e) == Some(404) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 impl KubernetesRunner {
-    /// Creates the Secret and the Job, follows the pod to its end.
+    /// Creates the Secret and the Job (of `image`), follows the pod to its end.
     async fn execute(
         &self,
         cluster: &Cluster,
         task: &Task,
         names: &Names,
-        (job, secret): (Job, Option<Secret>),
-        follow: &Follow<'_>,
-        created: &Created,
+        (image, job, secret): (&str, Job, Option<Secret>),
+        logs: &dyn LogSink,
+        created: &mut Created,
     ) -> Result<Outcome> {
-        let image = self.image(task)?;
         let at = |what: &str| format!("{what} in namespace `{}`", self.spec.namespace);
         if let Some(secret) = secret {
-            created.secret_sent.store(true, Ordering::Relaxed);
+            created.secret_sent = true;
             self.secrets(cluster).create(&PostParams::default(), &secret).await.map_err(|e| {
                 task.rescope(api_error(cluster, e, &at(&format!("cannot create the Secret `{}`", names.job))))
                     .with_context("namespace", &self.spec.namespace)
             })?;
         }
-        created.job_sent.store(true, Ordering::Relaxed);
+        created.job_sent = true;
         self.jobs(cluster).create(&PostParams::default(), &job).await.map_err(|e| {
             task.rescope(api_error(
                 cluster,
@@ -837,22 +834,23 @@ impl KubernetesRunner {
             ))
             .with_context("namespace", &self.spec.namespace)
             .with_context("job", &names.job)
-            .with_context("image", &image)
+            .with_context("image", image)
         })?;
         let started = SystemTime::now();
-        let pod = self.wait_started(cluster, task, names, &image, follow.logs).await?;
+        let pod = self.wait_started(cluster, task, names, image, logs).await?;
         let pod_error = |e: Error| {
             task.rescope(e)
                 .with_context("namespace", &self.spec.namespace)
                 .with_context("job", &names.job)
                 .with_context("pod", &pod)
         };
-        self.follow_logs(cluster, &pod, follow)
+        let mut follow = Follow::new(&names.marker, logs);
+        self.follow_logs(cluster, &pod, &mut follow)
             .await
             .map_err(|e| pod_error(api_error(cluster, e, &at(&format!("lost the log of pod `{pod}`")))))?;
         let end = self.wait_terminated(cluster, &pod).await.map_err(pod_error)?;
         let finished = SystemTime::now();
-        let state = follow.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = follow.state;
         let reason = end.reason.clone().unwrap_or_default();
         if state.not_found {
             let program = Self::program(task)?.remove(0);
@@ -864,7 +862,7 @@ impl KubernetesRunner {
                 ),
             )
             .with_context("program", program)
-            .with_context("image", &image)
+            .with_context("image", image)
             .with_context("job", &names.job));
         }
         if let Some(failure) = &state.failure {
@@ -873,7 +871,7 @@ impl KubernetesRunner {
                 task,
                 format!("in pod `{pod}` (image `{image}`): {failure}"),
             )
-            .with_context("image", &image)
+            .with_context("image", image)
             .with_context("pod", &pod));
         }
         if matches!(reason.as_str(), "StartError" | "ContainerCannotRun") {
@@ -885,11 +883,11 @@ impl KubernetesRunner {
                     "the container of pod `{pod}` could not start ({reason}: {message}); the kubernetes runner runs the step through `sh`: image `{image}` must provide a POSIX shell with mktemp and mkfifo"
                 ),
             )
-            .with_context("image", &image)
+            .with_context("image", image)
             .with_context("pod", &pod));
         }
         if reason == "OOMKilled" {
-            follow.logs.line(
+            logs.line(
                 Stream::Stderr,
                 &format!(
                     "nexus: the container of pod `{pod}` was killed for using more memory than its limit (OOMKilled)"
@@ -897,9 +895,9 @@ impl KubernetesRunner {
             );
         }
         let mut outcome = Outcome::exited(end.exit_code, started, finished);
-        let (outputs, notes) = read_outputs_bytes(state.outputs.clone());
+        let (outputs, notes) = read_outputs_bytes(state.outputs);
         for note in notes {
-            follow.logs.line(Stream::Stderr, &format!("nexus: {note}"));
+            logs.line(Stream::Stderr, &format!("nexus: {note}"));
         }
         outcome.outputs = outputs;
         Ok(outcome)
@@ -1025,7 +1023,7 @@ impl KubernetesRunner {
         &self,
         cluster: &Cluster,
         pod: &str,
-        follow: &Follow<'_>,
+        follow: &mut Follow<'_>,
     ) -> std::result::Result<(), kube::Error> {
         let pods = self.pods(cluster);
         let mut failures = 0;
@@ -1117,10 +1115,10 @@ impl KubernetesRunner {
         created.cluster = None;
         let job = created.job.clone();
         let ns = &self.spec.namespace;
-        let job_sent = created.job_sent.load(Ordering::Relaxed);
+        let job_sent = created.job_sent;
         let mut how =
             if job_sent { format!("Job `{job}` was deleted with its pods") } else { "no Job was created".to_owned() };
-        if job_sent && (stop || !created.keep_job) {
+        if job_sent && (stop || self.spec.ttl_seconds_after_finished.is_none()) {
             let params = if stop { DeleteParams::foreground() } else { DeleteParams::background() };
             match self.jobs(cluster).delete(&job, &params).await {
                 Ok(_) => {}
@@ -1152,7 +1150,7 @@ impl KubernetesRunner {
                 }
             }
         }
-        if created.secret_sent.load(Ordering::Relaxed) {
+        if created.secret_sent {
             match self.secrets(cluster).delete(&job, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(e) if status_code(&e) == Some(404) => {}
@@ -1209,38 +1207,37 @@ enum Kind {
 struct Follow<'a> {
     marker: String,
     logs: &'a dyn LogSink,
-    state: Mutex<FollowState>,
+    state: FollowState,
 }
 
 impl<'a> Follow<'a> {
     fn new(marker: &str, logs: &'a dyn LogSink) -> Self {
-        Follow { marker: marker.to_owned(), logs, state: Mutex::default() }
+        Follow { marker: marker.to_owned(), logs, state: FollowState::default() }
     }
 
     /// Where to reconnect from: the last timestamp seen, cut to the second (the
     /// precision of `sinceTime`); the lines already received are then skipped.
-    fn resume(&self) -> Option<Timestamp> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (ts, count) = state.last?;
-        state.skip = Some((ts, count));
+    fn resume(&mut self) -> Option<Timestamp> {
+        let (ts, count) = self.state.last?;
+        self.state.skip = Some((ts, count));
         Timestamp::from_second(ts.as_second()).ok()
     }
 
     /// How many lines came so far.
     fn received(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).received
+        self.state.received
     }
 
     /// One line of the log, `<RFC 3339 timestamp> <text>` (or the rest of a long line).
-    fn line(&self, raw: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    fn line(&mut self, raw: &str) {
+        let state = &mut self.state;
         state.received += 1;
         let parsed = raw.split_once(' ').and_then(|(ts, text)| ts.parse::<Timestamp>().ok().map(|ts| (ts, text)));
         let Some((ts, text)) = parsed else {
             // The rest of a line longer than the line limit: it goes where its start went.
             if !state.last_skipped {
                 let kind = state.last_kind;
-                self.emit(&mut state, kind, raw);
+                self.emit(kind, raw);
             }
             return;
         };
@@ -1279,17 +1276,18 @@ impl<'a> Follow<'a> {
             None => (Kind::Stdout, text),
         };
         state.last_kind = kind;
-        self.emit(&mut state, kind, text);
+        self.emit(kind, text);
     }
 
-    fn emit(&self, state: &mut FollowState, kind: Kind, text: &str) {
+    fn emit(&mut self, kind: Kind, text: &str) {
         match kind {
             Kind::Stdout => self.logs.line(Stream::Stdout, text),
             Kind::Stderr => self.logs.line(Stream::Stderr, text),
             Kind::Output => {
-                if (state.outputs.len() as u64) <= MAX_OUTPUT_BYTES {
-                    state.outputs.extend_from_slice(text.as_bytes());
-                    state.outputs.push(b'\n');
+                let outputs = &mut self.state.outputs;
+                if (outputs.len() as u64) <= MAX_OUTPUT_BYTES {
+                    outputs.extend_from_slice(text.as_bytes());
+                    outputs.push(b'\n');
                 }
             }
         }
@@ -1302,7 +1300,7 @@ const MAX_LINE_BYTES: usize = nexus_core::lines::MAX_LINE_BYTES + 64;
 /// Reads `reader` to its end, line by line, in bounded memory. An error means the
 /// stream broke before its end; the partial line read so far is then dropped (the
 /// reconnection reads it again whole).
-async fn read_lines<R: AsyncBufRead + Unpin>(mut reader: R, follow: &Follow<'_>) -> std::io::Result<()> {
+async fn read_lines<R: AsyncBufRead + Unpin>(mut reader: R, follow: &mut Follow<'_>) -> std::io::Result<()> {
     let mut lines = LineBuffer::with_limit(MAX_LINE_BYTES);
     loop {
         let buf = match reader.fill_buf().await {
@@ -1324,6 +1322,7 @@ async fn read_lines<R: AsyncBufRead + Unpin>(mut reader: R, follow: &Follow<'_>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<(Stream, String)>>);
@@ -1368,7 +1367,7 @@ mod tests {
     #[test]
     fn the_wrapper_lines_are_split_into_streams_and_outputs() {
         let sink = Collect::default();
-        let follow = Follow::new("nexus-0123", &sink);
+        let mut follow = Follow::new("nexus-0123", &sink);
         let ts = "2026-01-01T00:00:00.5Z";
         for line in [
             "plain".to_owned(),
@@ -1382,10 +1381,9 @@ mod tests {
             follow.line(&format!("{ts} {line}"));
         }
         follow.line("rest of the stderr line"); // no timestamp: continues the previous line's stream
-        let state = follow.state.lock().unwrap();
+        let state = &follow.state;
         assert_eq!(String::from_utf8_lossy(&state.outputs), "key=value\nnotes<<EOF\na\nEOF\n");
         assert!(!state.not_found && state.failure.is_none());
-        drop(state);
         let lines = sink.0.lock().unwrap().clone();
         assert_eq!(
             lines,
@@ -1398,7 +1396,7 @@ mod tests {
         );
         follow.line(&format!("{ts} nexus-0123:notfound"));
         follow.line(&format!("{ts} nexus-0123:fail no /tmp"));
-        let state = follow.state.lock().unwrap();
+        let state = &follow.state;
         assert!(state.not_found);
         assert_eq!(state.failure.as_deref(), Some("no /tmp"));
     }
@@ -1406,7 +1404,7 @@ mod tests {
     #[test]
     fn a_reconnection_skips_the_lines_already_received() {
         let sink = Collect::default();
-        let follow = Follow::new("m", &sink);
+        let mut follow = Follow::new("m", &sink);
         let lines = [
             ("2026-01-01T00:00:01.1Z", "one"),
             ("2026-01-01T00:00:02.2Z", "two"),

@@ -263,6 +263,14 @@ async fn handle(
     let selector = query.get("labelSelector");
     let key = |name: &str| format!("{namespace}/{name}");
     let in_ns = |k: &String| k.starts_with(&format!("{namespace}/"));
+    // The Jobs or Secrets of the namespace that the label selector matches.
+    let selected = |objects: &BTreeMap<String, Value>| -> Vec<Value> {
+        objects
+            .iter()
+            .filter(|(k, v)| in_ns(k) && matches(selector, &v["metadata"]["labels"]))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
     match (method.as_str(), rest.as_slice()) {
         ("POST", ["jobs"]) => {
             let job: Value = serde_json::from_slice(&body).unwrap();
@@ -273,16 +281,7 @@ async fn handle(
             let created = create_job(&shared, namespace, job);
             ok(201, created)
         }
-        ("GET", ["jobs"]) => {
-            let state = shared.state.lock().unwrap();
-            let items = state
-                .jobs
-                .iter()
-                .filter(|(k, v)| in_ns(k) && matches(selector, &v["metadata"]["labels"]))
-                .map(|(_, v)| v.clone())
-                .collect();
-            list("JobList", "batch/v1", items)
-        }
+        ("GET", ["jobs"]) => list("JobList", "batch/v1", selected(&shared.state.lock().unwrap().jobs)),
         ("GET", ["jobs", name]) => match shared.state.lock().unwrap().jobs.get(&key(name)) {
             Some(job) => ok(200, job.clone()),
             None => status(404, "NotFound", &format!("jobs.batch \"{name}\" not found")),
@@ -319,16 +318,7 @@ async fn handle(
             state.secrets.insert(key(&name), secret.clone());
             ok(201, secret)
         }
-        ("GET", ["secrets"]) => {
-            let state = shared.state.lock().unwrap();
-            let items = state
-                .secrets
-                .iter()
-                .filter(|(k, v)| in_ns(k) && matches(selector, &v["metadata"]["labels"]))
-                .map(|(_, v)| v.clone())
-                .collect();
-            list("SecretList", "v1", items)
-        }
+        ("GET", ["secrets"]) => list("SecretList", "v1", selected(&shared.state.lock().unwrap().secrets)),
         ("DELETE", ["secrets", name]) => match shared.state.lock().unwrap().secrets.remove(&key(name)) {
             Some(_) => success(),
             None => status(404, "NotFound", &format!("secrets \"{name}\" not found")),
