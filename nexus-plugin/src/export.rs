@@ -214,7 +214,7 @@ fn parse_json(bytes: &[u8], what: &str) -> Result<Value> {
 
 /// The trait families a plugin kind may build, and how each is served.
 #[doc(hidden)]
-pub trait ExportFamily {
+pub trait ExportFamily: 'static {
     /// `abi::FAMILY_*`.
     const FAMILY: u8;
     /// Wraps a built component.
@@ -249,6 +249,24 @@ impl ExportFamily for dyn Notifier {
     }
 }
 
+/// The descriptor of kind `K`, built on first use and kept: building one generates the
+/// spec's JSON Schema, which `validate` and `create` (called once per spec) do not need
+/// again.
+fn descriptor<K>() -> &'static KindDescriptor<K::Trait>
+where
+    K: ComponentKind,
+    K::Trait: ExportFamily,
+{
+    use std::any::{Any, TypeId};
+    type Descriptors = HashMap<TypeId, &'static (dyn Any + Send + Sync)>;
+    static DESCRIPTORS: OnceLock<Mutex<Descriptors>> = OnceLock::new();
+    let mut descriptors = DESCRIPTORS.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+    let d = *descriptors
+        .entry(TypeId::of::<K>())
+        .or_insert_with(|| Box::leak(Box::new(KindDescriptor::<K::Trait>::of::<K>())));
+    d.downcast_ref().expect("the descriptor stored for `K` is `K`'s")
+}
+
 fn leak_str(s: String) -> Str {
     let s: &'static str = Box::leak(s.into_boxed_str());
     Str::new(s.as_bytes())
@@ -266,7 +284,7 @@ where
             Ok(v) => v,
             Err(e) => return err(&e),
         };
-        let issues = KindDescriptor::<K::Trait>::of::<K>().validate(&value);
+        let issues = descriptor::<K>().validate(&value);
         let issues: Vec<Value> =
             issues.into_iter().map(|i| serde_json::json!({"path": i.path, "message": i.message})).collect();
         ok(&Value::Array(issues))
@@ -286,7 +304,7 @@ where
             // `build` may start tasks (a connection pool, a background flusher): it runs
             // inside the plugin's runtime.
             let _guard = runtime().enter();
-            KindDescriptor::<K::Trait>::of::<K>().build(value)
+            descriptor::<K>().build(value)
         });
         match built {
             Ok(built) => {
@@ -307,7 +325,7 @@ where
     K: ComponentKind,
     K::Trait: ExportFamily,
 {
-    let d = KindDescriptor::<K::Trait>::of::<K>();
+    let d = descriptor::<K>();
     KindDeclaration {
         family: <K::Trait as ExportFamily>::FAMILY,
         name: leak_str(d.kind.clone()),

@@ -56,6 +56,40 @@ pub struct Plugin {
     /// The kinds it provides.
     pub kinds: Vec<PluginKind>,
     lib: Arc<Lib>,
+    loaded: Arc<[LoadedKind]>,
+}
+
+/// One kind of a loaded library, decoded once, when the library is loaded.
+struct LoadedKind {
+    decl: &'static KindDeclaration,
+    info: PluginKind,
+    /// Its schema (compiled), example and actions; or why one is malformed, reported
+    /// when the kind is registered.
+    spec: std::result::Result<Arc<KindSpec>, String>,
+}
+
+/// What a kind declares as JSON, decoded.
+struct KindSpec {
+    schema: Value,
+    validator: jsonschema::Validator,
+    example: Value,
+    actions: Vec<String>,
+}
+
+impl KindSpec {
+    fn decode(kd: &'static KindDeclaration, name: &str) -> std::result::Result<Self, String> {
+        // SAFETY: declaration strings are `'static` in the library.
+        let (schema, example, actions) =
+            unsafe { (kd.spec_schema.as_bytes(), kd.example.as_bytes(), kd.actions.as_bytes()) };
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            format!("kind `{name}` has a malformed {what}: {e}; rebuild the plugin")
+        };
+        let schema: Value = serde_json::from_slice(schema).map_err(|e| bad("schema", &e))?;
+        let example: Value = serde_json::from_slice(example).map_err(|e| bad("example", &e))?;
+        let actions: Vec<String> = serde_json::from_slice(actions).map_err(|e| bad("action list", &e))?;
+        let validator = jsonschema::draft202012::new(&schema).map_err(|e| bad("schema", &e))?;
+        Ok(KindSpec { schema, validator, example, actions })
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -294,15 +328,26 @@ pub fn load_library(path: &Path) -> Result<Plugin> {
     // copies it) and its `ctx` is leaked, so alive forever.
     let init = unsafe { (decl.init)(&vtable) };
     decode(&lib, "init", init).map_err(|e| refuse(path, format!("failed to initialize: {e}")))?;
-    let mut kinds = Vec::new();
-    for kind in kind_declarations(decl) {
+    let mut loaded = Vec::new();
+    for kd in kind_declarations(decl) {
         // SAFETY: declaration strings are `'static` in the library.
-        let (kind_name, description) = unsafe { (kind.name.to_string_lossy(), kind.description.to_string_lossy()) };
-        let family = family_of(kind.family)
-            .ok_or_else(|| refuse(path, format!("declares kind `{kind_name}` of unknown family {}", kind.family)))?;
-        kinds.push(PluginKind { family, name: kind_name, description });
+        let (kind_name, description) = unsafe { (kd.name.to_string_lossy(), kd.description.to_string_lossy()) };
+        let family = family_of(kd.family)
+            .ok_or_else(|| refuse(path, format!("declares kind `{kind_name}` of unknown family {}", kd.family)))?;
+        let spec = KindSpec::decode(kd, &kind_name).map(Arc::new);
+        loaded.push(LoadedKind { decl: kd, info: PluginKind { family, name: kind_name, description }, spec });
     }
-    Ok(Plugin { path: path.to_path_buf(), name, version, abi_version: header.abi_version, sdk_version, kinds, lib })
+    let kinds = loaded.iter().map(|k| k.info.clone()).collect();
+    Ok(Plugin {
+        path: path.to_path_buf(),
+        name,
+        version,
+        abi_version: header.abi_version,
+        sdk_version,
+        kinds,
+        lib,
+        loaded: loaded.into(),
+    })
 }
 
 fn kind_declarations(decl: &'static Declaration) -> &'static [KindDeclaration] {
@@ -625,7 +670,7 @@ struct KindHandle {
     lib: Arc<Lib>,
     decl: &'static KindDeclaration,
     name: String,
-    schema: Arc<jsonschema::Validator>,
+    spec: Arc<KindSpec>,
 }
 
 impl KindHandle {
@@ -653,7 +698,7 @@ impl KindHandle {
     }
 
     fn create(&self, spec: Value) -> Result<ForeignInstance> {
-        if let Some(e) = self.schema.iter_errors(&spec).next() {
+        if let Some(e) = self.spec.validator.iter_errors(&spec).next() {
             let at = e.instance_path().as_str().to_owned();
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
@@ -685,9 +730,6 @@ impl KindHandle {
 fn descriptor<T: ?Sized + 'static>(
     handle: KindHandle,
     description: String,
-    spec_schema: Value,
-    example: Value,
-    actions: Vec<String>,
     wrap: fn(ForeignInstance) -> Arc<T>,
 ) -> KindDescriptor<T> {
     let validating = handle.clone();
@@ -695,9 +737,9 @@ fn descriptor<T: ?Sized + 'static>(
         handle.name.clone(),
         description,
         handle.lib.path.clone(),
-        spec_schema,
-        example,
-        actions,
+        handle.spec.schema.clone(),
+        handle.spec.example.clone(),
+        handle.spec.actions.clone(),
         move |spec| validating.validate(spec),
         move |spec| handle.create(spec).map(wrap),
     )
@@ -707,58 +749,31 @@ impl Plugin {
     /// Registers this plugin's kinds into `catalog`; returns an error for each kind that
     /// clashes with one already registered (naming both files).
     pub fn register(&self, catalog: &mut Catalog) -> Vec<Error> {
-        let mut errors = Vec::new();
-        for kd in kind_declarations(self.lib.decl) {
-            match self.register_kind(catalog, kd) {
-                Ok(()) => {}
-                Err(e) => errors.push(e),
-            }
-        }
-        errors
+        self.loaded.iter().filter_map(|kind| self.register_kind(catalog, kind).err()).collect()
     }
 
-    fn register_kind(&self, catalog: &mut Catalog, kd: &'static KindDeclaration) -> Result<()> {
-        // SAFETY: declaration strings are `'static` in the library.
-        let (name, description, schema, example, actions) = unsafe {
-            (
-                kd.name.to_string_lossy(),
-                kd.description.to_string_lossy(),
-                kd.spec_schema.as_bytes(),
-                kd.example.as_bytes(),
-                kd.actions.as_bytes(),
-            )
+    fn register_kind(&self, catalog: &mut Catalog, kind: &LoadedKind) -> Result<()> {
+        let spec = kind.spec.as_ref().map_err(|message| refuse(&self.path, message.clone()))?;
+        let handle = KindHandle {
+            lib: Arc::clone(&self.lib),
+            decl: kind.decl,
+            name: kind.info.name.clone(),
+            spec: Arc::clone(spec),
         };
-        let bad = |what: &str, e: &dyn std::fmt::Display| {
-            refuse(&self.path, format!("kind `{name}` has a malformed {what}: {e}; rebuild the plugin"))
-        };
-        let spec_schema: Value = serde_json::from_slice(schema).map_err(|e| bad("schema", &e))?;
-        let example: Value = serde_json::from_slice(example).map_err(|e| bad("example", &e))?;
-        let actions: Vec<String> = serde_json::from_slice(actions).map_err(|e| bad("action list", &e))?;
-        let validator = jsonschema::draft202012::new(&spec_schema).map_err(|e| bad("schema", &e))?;
-        let handle =
-            KindHandle { lib: Arc::clone(&self.lib), decl: kd, name: name.clone(), schema: Arc::new(validator) };
-        match family_of(kd.family) {
-            Some(Family::Runner) => {
-                catalog.runners.register(descriptor(handle, description, spec_schema, example, actions, |i| {
-                    Arc::new(ForeignRunner(i)) as Arc<dyn Runner>
-                }))
-            }
-            Some(Family::Service) => {
-                catalog.services.register(descriptor(handle, description, spec_schema, example, actions, |i| {
-                    Arc::new(ForeignService(i)) as Arc<dyn ServiceAdapter>
-                }))
-            }
-            Some(Family::Monitor) => {
-                catalog.monitors.register(descriptor(handle, description, spec_schema, example, actions, |i| {
-                    Arc::new(ForeignMonitor(i)) as Arc<dyn MonitorAdapter>
-                }))
-            }
-            Some(Family::Notifier) => {
-                catalog.notifiers.register(descriptor(handle, description, spec_schema, example, actions, |i| {
-                    Arc::new(ForeignNotifier(i)) as Arc<dyn Notifier>
-                }))
-            }
-            None => Err(refuse(&self.path, format!("kind `{name}` has an unknown family {}", kd.family))),
+        let description = kind.info.description.clone();
+        match kind.info.family {
+            Family::Runner => catalog
+                .runners
+                .register(descriptor(handle, description, |i| Arc::new(ForeignRunner(i)) as Arc<dyn Runner>)),
+            Family::Service => catalog
+                .services
+                .register(descriptor(handle, description, |i| Arc::new(ForeignService(i)) as Arc<dyn ServiceAdapter>)),
+            Family::Monitor => catalog
+                .monitors
+                .register(descriptor(handle, description, |i| Arc::new(ForeignMonitor(i)) as Arc<dyn MonitorAdapter>)),
+            Family::Notifier => catalog
+                .notifiers
+                .register(descriptor(handle, description, |i| Arc::new(ForeignNotifier(i)) as Arc<dyn Notifier>)),
         }
     }
 }
