@@ -11,12 +11,7 @@ pub fn cmd_test(config: &Path, channel: &str, env: Option<&str>) -> u8 {
         Err(code) => return code,
     };
     let Some(kind) = loaded.ssot.monitoring.channels.get(channel).map(|c| c.kind.clone()) else {
-        let mut message = format!("error: no channel `{channel}` in monitoring_registry.yaml");
-        let names = loaded.ssot.monitoring.channels.keys().map(String::as_str);
-        if let Some(near) = nexus_core::suggest::closest(channel, names) {
-            message.push_str(&format!("; did you mean `{near}`?"));
-        }
-        eprintln!("{message}");
+        eprintln!("error: {}", nexus_core::notify::unknown_channel(&loaded.ssot, channel));
         return EXIT_INVALID;
     };
     let result = exec::runtime().block_on(nexus_core::notify::send_test(&loaded.ssot, &loaded.catalog, channel, env));

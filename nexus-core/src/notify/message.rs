@@ -237,10 +237,15 @@ pub(crate) fn default_body(event: &Event, n: &Notification) -> String {
     body
 }
 
+/// Whether the notification of `event` resolves its incident (a recovery).
+pub(crate) fn resolves(event: &Event) -> bool {
+    event.kind == "run.recovered"
+}
+
 /// The notification for `event` (without a template applied).
 pub(crate) fn notification(event: &Event, ctx: &RunContext) -> Notification {
     let mut n = Notification::new(title(event, ctx), String::new(), event.severity, dedup_key(event));
-    n.resolve = event.kind == "run.recovered";
+    n.resolve = resolves(event);
     n.event = Some(event.clone());
     n.facts = facts(event, ctx);
     if !n.resolve && event.kind != "run.succeeded" {

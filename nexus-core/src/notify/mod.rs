@@ -146,14 +146,17 @@ impl Dispatcher {
         if routes.is_empty() {
             return;
         }
-        let context = message::RunContext::read(self.store.as_ref(), &self.state_dir, event);
-        let notification = message::notification(event, &context);
+        let (dedup_key, resolve) = (message::dedup_key(event), message::resolves(event));
+        // The message (which reads the run, its steps and attempts, and a log tail) is
+        // built for the first channel that is not held back: an event whose deliveries
+        // are all grouped or duplicates never reads them.
+        let mut prepared: Option<(Notification, Value)> = None;
         for route in routes {
             for channel_name in &route.channels {
                 let Some(channel) = self.ssot.monitoring.channels.get(channel_name) else { continue };
                 let fingerprint = message::fingerprint(&route.name, channel_name, event);
-                let mut record = pending_record(&route.name, channel_name, event, fingerprint, &notification.dedup_key);
-                let reason = self.hold_back(route, channel, &record, notification.resolve);
+                let mut record = pending_record(&route.name, channel_name, event, fingerprint, &dedup_key);
+                let reason = self.hold_back(route, channel, &record, resolve);
                 if let Some(reason) = &reason {
                     record.status = DeliveryStatus::Suppressed;
                     record.error = Some(reason.clone());
@@ -165,10 +168,15 @@ impl Dispatcher {
                     summary.suppressed += 1;
                     continue;
                 }
+                let (notification, context) = prepared.get_or_insert_with(|| {
+                    let run = message::RunContext::read(self.store.as_ref(), &self.state_dir, event);
+                    let notification = message::notification(event, &run);
+                    let context = message::template_context(&self.ssot, event, &notification, &run);
+                    (notification, context)
+                });
                 let this = self.clone();
                 let channel = channel.clone();
-                let (event, notification) = (event.clone(), notification.clone());
-                let context = message::template_context(&self.ssot, &event, &notification, &context);
+                let (event, notification, context) = (event.clone(), notification.clone(), context.clone());
                 let channel_name = channel_name.clone();
                 sends.spawn(async move {
                     let sender = Sender {
@@ -208,6 +216,10 @@ impl Dispatcher {
             }
         }
         let window = route.dedup_window.map_or(0, |w| w.0.as_millis() as Millis);
+        let rate_limit = channel.rate_limit_per_hour.filter(|_| !resolve);
+        if window == 0 && rate_limit.is_none() {
+            return None;
+        }
         let now = record.created_at;
         let recent = self.store.recent_deliveries(&record.channel, now - window.max(HOUR_MS)).unwrap_or_default();
         if window > 0
@@ -230,9 +242,7 @@ impl Dispatcher {
                 return Some(format!("duplicate of delivery #{} sent {ago} ago (dedup window {window})", d.id));
             }
         }
-        if let Some(limit) = channel.rate_limit_per_hour
-            && !resolve
-        {
+        if let Some(limit) = rate_limit {
             let sent = recent.iter().filter(|d| live(d) && d.created_at >= now - HOUR_MS).count();
             if sent >= limit as usize {
                 return Some(format!("rate limit of {limit} messages per hour reached on `{}`", record.channel));
@@ -408,6 +418,16 @@ pub fn prepare(
     Ok((notifier, redactor))
 }
 
+/// The error for a channel `name` that monitoring_registry.yaml does not declare, with
+/// the nearest declared name if one is close.
+pub fn unknown_channel(ssot: &Ssot, name: &str) -> String {
+    let mut message = format!("no channel `{name}` in monitoring_registry.yaml");
+    if let Some(near) = crate::suggest::closest(name, ssot.monitoring.channels.keys().map(String::as_str)) {
+        message.push_str(&format!("; did you mean `{near}`?"));
+    }
+    message
+}
+
 /// Sends a test message to a channel once (`nexus notify test CHANNEL`); returns the
 /// receipt or the exact error (redacted).
 pub async fn send_test(
@@ -417,12 +437,7 @@ pub async fn send_test(
     environment: Option<&str>,
 ) -> std::result::Result<Receipt, String> {
     let Some(channel) = ssot.monitoring.channels.get(channel_name) else {
-        let mut message = format!("no channel `{channel_name}` in monitoring_registry.yaml");
-        let names = ssot.monitoring.channels.keys().map(String::as_str);
-        if let Some(near) = crate::suggest::closest(channel_name, names) {
-            message.push_str(&format!("; did you mean `{near}`?"));
-        }
-        return Err(message);
+        return Err(unknown_channel(ssot, channel_name));
     };
     let environment = environment.map(str::to_owned).or_else(|| ssot.orchestration.defaults.environment.clone());
     let mut event = Event::new(

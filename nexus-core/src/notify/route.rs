@@ -30,18 +30,19 @@ pub fn labels_of(ssot: &Ssot, event: &Event) -> Labels {
     labels
 }
 
+/// Whether `route` takes events of type `kind` (its `match.events`, or the defaults).
+fn takes_kind(route: &Route, kind: &str) -> bool {
+    let events = &route.matches.events;
+    if events.is_empty() { DEFAULT_EVENTS.contains(&kind) } else { events.iter().any(|p| event_matches(p, kind)) }
+}
+
 /// Whether `route` takes `event` (whose labels, merged, are `labels`).
 pub fn route_matches(route: &Route, event: &Event, labels: &Labels) -> bool {
     let m = &route.matches;
-    let events_ok = if m.events.is_empty() {
-        DEFAULT_EVENTS.contains(&event.kind.as_str())
-    } else {
-        m.events.iter().any(|p| event_matches(p, &event.kind))
-    };
     let in_list = |list: &[String], value: &Option<String>| {
         list.is_empty() || value.as_ref().is_some_and(|v| list.iter().any(|x| x == v))
     };
-    events_ok
+    takes_kind(route, &event.kind)
         && in_list(&m.pipelines, &event.pipeline)
         && in_list(&m.environments, &event.environment)
         && m.min_severity.is_none_or(|min| event.severity >= min)
@@ -51,6 +52,11 @@ pub fn route_matches(route: &Route, event: &Event, labels: &Labels) -> bool {
 /// The routes that take `event`, in order: the first match wins unless it says
 /// `continue: true`.
 pub fn matching_routes<'a>(ssot: &'a Ssot, event: &Event) -> Vec<&'a Route> {
+    // Most events (every step start and success) are of a type no route takes: they
+    // are turned away before the labels are merged, without allocating.
+    if !ssot.monitoring.routes.iter().any(|r| takes_kind(r, &event.kind)) {
+        return Vec::new();
+    }
     select(&ssot.monitoring.routes, event, &labels_of(ssot, event))
 }
 
