@@ -232,11 +232,9 @@ pub fn assert_error_hides(err: &Error, secrets: &[Secret]) {
 /// [`crate::example_with`]): give the rendered values of its templates, as the router
 /// does before calling `build`.
 pub fn builds<K: ComponentKind<Trait = dyn Notifier>>(changes: Value) {
-    let who = format!("notifier kind `{}`", K::KIND);
     let spec = crate::example_with::<K>(changes);
-    let d = crate::descriptor::<K>();
-    if let Err(e) = d.build(spec) {
-        panic!("{who}: `build` fails on the example: {e:?}");
+    if let Err(e) = crate::descriptor::<K>().build(spec) {
+        panic!("{}: `build` fails on the example: {e:?}", crate::who::<K>());
     }
 }
 

@@ -282,7 +282,6 @@ impl EmailNotifier {
     }
 
     fn send_error(&self, e: lettre::transport::smtp::Error) -> Error {
-        let server = format!("{}:{}", self.host, self.port);
         let code = e.status().map(|c| c.to_string());
         let (kind, retryable, what) = if e.is_transient() {
             (ErrorKind::Unavailable, true, "refused the message for now (transient SMTP error); try again later")
@@ -301,12 +300,16 @@ impl EmailNotifier {
         } else {
             (ErrorKind::Unavailable, true, "cannot be reached")
         };
+        self.server_error(kind, what).set_retryable(retryable).with_source(e)
+    }
+
+    /// An error of a send saying that the SMTP server `what`, naming it (`host:port`).
+    fn server_error(&self, kind: ErrorKind, what: &str) -> Error {
+        let server = format!("{}:{}", self.host, self.port);
         Error::new(kind, format!("the SMTP server {server} {what}"))
-            .set_retryable(retryable)
             .with_operation("notify.send")
             .with_context("channel", EMAIL_KIND)
             .with_context("host", server)
-            .with_source(e)
     }
 }
 
@@ -315,19 +318,13 @@ impl Notifier for EmailNotifier {
     async fn send(&self, notification: &Notification) -> Result<Receipt> {
         let message = self.message(notification)?;
         let id = message.headers().get_raw("Message-ID").map(str::to_owned);
-        match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
-            Ok(sent) => sent.map_err(|e| self.send_error(e))?,
-            Err(_) => {
-                let server = format!("{}:{}", self.host, self.port);
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("the SMTP server {server} did not finish the exchange within {:?}", self.timeout),
-                )
-                .with_operation("notify.send")
-                .with_context("channel", EMAIL_KIND)
-                .with_context("host", server));
-            }
-        };
+        tokio::time::timeout(self.timeout, self.transport.send(message))
+            .await
+            .map_err(|_| {
+                let what = format!("did not finish the exchange within {:?}", self.timeout);
+                self.server_error(ErrorKind::Timeout, &what)
+            })?
+            .map_err(|e| self.send_error(e))?;
         Ok(Receipt::new(id, None))
     }
 }

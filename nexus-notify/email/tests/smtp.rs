@@ -128,16 +128,32 @@ impl NotifierFixture for SinkFixture {
 
 nexus_testkit::notifier_suite!(ignore = "needs smtp-sink (scripts/test-env.sh)", SinkFixture::new());
 
+/// The error of sending the failure notification with a notifier built from `spec`.
+async fn send_error(spec: EmailSpec) -> nexus_core::Error {
+    EmailKind::build(spec).unwrap().send(&failure_notification()).await.unwrap_err()
+}
+
 #[tokio::test]
 async fn unreachable_server_is_retryable() {
     // Needs no sink: the fixture's notifier is never used.
     let addr = closed_address();
-    let notifier = EmailKind::build(spec("127.0.0.1", addr.port(), "ops@example.test")).unwrap();
-    let err = notifier.send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec("127.0.0.1", addr.port(), "ops@example.test")).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::Unavailable, true), "{err:?}");
     assert_eq!(err.operation(), "notify.send");
     assert!(err.to_string().contains(&addr.to_string()) && err.to_string().contains("email"), "{err}");
     assert_error_hides(&err, &[Secret::never_sent(PASSWORD)]);
+}
+
+/// The newest message to `fixture`'s recipient, once the sink has written it.
+async fn written(fixture: &SinkFixture) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(m) = fixture.captured().pop() {
+            return m;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sink wrote no message to {}", fixture.recipient);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The part of `message` after the `Content-Type: {mime}` header line, up to the next
@@ -156,14 +172,7 @@ async fn the_message_on_disk_has_the_headers_and_both_parts() {
     let fixture = SinkFixture::new();
     let receipt = fixture.notifier.send(&failure_notification()).await.unwrap();
     let message_id = receipt.message_id.expect("the receipt holds the Message-ID");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let message = loop {
-        if let Some(m) = fixture.captured().pop() {
-            break m;
-        }
-        assert!(std::time::Instant::now() < deadline, "the sink wrote no message to {}", fixture.recipient);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let message = written(&fixture).await;
     for header in [
         "Subject: [nexus prod] deploy-shop failed in prod".to_owned(),
         "From: Nexus <nexus@shop.example>".to_owned(),
@@ -198,14 +207,7 @@ async fn html_special_characters_arrive_escaped() {
     let mut n = Notification::new("deploy <shop> & co", "it failed", Severity::Critical, "k-html");
     n.log_tail = vec!["<script>alert(1)</script>".to_owned()];
     fixture.notifier.send(&n).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let message = loop {
-        if let Some(m) = fixture.captured().pop() {
-            break m;
-        }
-        assert!(std::time::Instant::now() < deadline, "the sink wrote no message");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let message = written(&fixture).await;
     let html = decode_quoted_printable(part(&message, "text/html"));
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;") && !html.contains("<script>"), "{html}");
     assert!(html.contains("Critical: deploy &lt;shop&gt; &amp; co"), "{html}");
@@ -255,8 +257,7 @@ async fn scripted_server(ehlo: &'static [&'static str], replies: &'static [(&'st
 async fn refused_authentication_is_permission_denied_and_final() {
     let port =
         scripted_server(&["AUTH PLAIN LOGIN"], &[("AUTH", "535 5.7.8 Authentication credentials invalid")]).await;
-    let notifier = EmailKind::build(spec("127.0.0.1", port, "ops@example.test")).unwrap();
-    let err = notifier.send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec("127.0.0.1", port, "ops@example.test")).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::PermissionDenied, false), "{err:?}");
     let shown = err.to_string();
     assert!(shown.contains("authentication") && shown.contains(&format!("127.0.0.1:{port}")), "{shown}");
@@ -266,8 +267,7 @@ async fn refused_authentication_is_permission_denied_and_final() {
 #[tokio::test]
 async fn a_server_without_auth_is_a_configuration_error() {
     let port = scripted_server(&["PIPELINING"], &[]).await;
-    let notifier = EmailKind::build(spec("127.0.0.1", port, "ops@example.test")).unwrap();
-    let err = notifier.send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec("127.0.0.1", port, "ops@example.test")).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::InvalidConfig, false), "{err:?}");
     assert_error_hides(&err, &[Secret::never_sent(PASSWORD)]);
 }
@@ -275,8 +275,7 @@ async fn a_server_without_auth_is_a_configuration_error() {
 #[tokio::test]
 async fn a_transient_refusal_is_retryable() {
     let port = scripted_server(&["AUTH PLAIN LOGIN"], &[("MAIL", "451 4.3.0 Try again later")]).await;
-    let notifier = EmailKind::build(spec("127.0.0.1", port, "ops@example.test")).unwrap();
-    let err = notifier.send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec("127.0.0.1", port, "ops@example.test")).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::Unavailable, true), "{err:?}");
     assert!(err.to_string().contains("transient"), "{err}");
 }
@@ -284,8 +283,7 @@ async fn a_transient_refusal_is_retryable() {
 #[tokio::test]
 async fn a_rejected_recipient_is_final() {
     let port = scripted_server(&["AUTH PLAIN LOGIN"], &[("RCPT", "550 5.1.1 No such user")]).await;
-    let notifier = EmailKind::build(spec("127.0.0.1", port, "ops@example.test")).unwrap();
-    let err = notifier.send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec("127.0.0.1", port, "ops@example.test")).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::InvalidConfig, false), "{err:?}");
 }
 
@@ -294,7 +292,7 @@ async fn starttls_that_the_server_does_not_offer_is_refused() {
     let port = scripted_server(&["AUTH PLAIN LOGIN"], &[]).await;
     let mut spec = spec("127.0.0.1", port, "ops@example.test");
     spec.tls = nexus_notify_email::Tls::Starttls;
-    let err = EmailKind::build(spec).unwrap().send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::InvalidConfig, false), "{err:?}");
     assert_error_hides(&err, &[Secret::never_sent(PASSWORD)]);
 }
@@ -304,7 +302,7 @@ async fn tls_to_a_plain_text_server_is_a_configuration_error() {
     let port = scripted_server(&["AUTH PLAIN LOGIN"], &[]).await;
     let mut spec = spec("127.0.0.1", port, "ops@example.test");
     spec.tls = nexus_notify_email::Tls::Tls;
-    let err = EmailKind::build(spec).unwrap().send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::InvalidConfig, false), "{err:?}");
     assert!(err.to_string().contains("TLS"), "{err}");
 }
@@ -323,7 +321,7 @@ async fn a_server_that_never_answers_times_out_and_is_retryable() {
     let mut spec = spec("127.0.0.1", port, "ops@example.test");
     spec.timeout = Some(nexus_core::model::Duration(Duration::from_millis(300)));
     let started = std::time::Instant::now();
-    let err = EmailKind::build(spec).unwrap().send(&failure_notification()).await.unwrap_err();
+    let err = send_error(spec).await;
     assert_eq!((err.kind(), err.is_retryable()), (ErrorKind::Timeout, true), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     held.abort();

@@ -161,10 +161,7 @@ impl PagerDutyNotifier {
         payload.insert("summary".to_owned(), json!(truncate_chars(&notification.title, SUMMARY_MAX)));
         payload.insert("source".to_owned(), json!(self.source));
         payload.insert("severity".to_owned(), json!(severity(notification.severity)));
-        payload.insert(
-            "timestamp".to_owned(),
-            json!(chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        );
+        payload.insert("timestamp".to_owned(), json!(http::rfc3339(at)));
         for (field, value) in
             [("component", &self.spec.component), ("group", &self.spec.group), ("class", &self.spec.class)]
         {

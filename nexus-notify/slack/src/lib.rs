@@ -286,14 +286,10 @@ impl Notifier for SlackNotifier {
                 if answer.get("ok").and_then(Value::as_bool) != Some(true) {
                     let code = error.unwrap_or("no `ok` and no `error` in the answer");
                     let (kind, hint) = classify_api_error(code);
+                    // Retryable as its kind is (`Error::new`'s default), with Slack's `Retry-After` then.
                     let mut err = http::refused(SLACK_KIND, url, kind, code, hint);
-                    if kind.default_retryable() {
-                        err = err.set_retryable(true);
-                        if let Some(wait) = reply.retry_after {
-                            err = err.with_retry_after(wait);
-                        }
-                    } else {
-                        err = err.set_retryable(false);
+                    if let Some(wait) = reply.retry_after.filter(|_| err.is_retryable()) {
+                        err = err.with_retry_after(wait);
                     }
                     return Err(err);
                 }
@@ -389,7 +385,7 @@ pub fn message(notification: &Notification) -> Value {
         let blocks: Vec<Value> = chunks(&notification.body, SECTION_TEXT_MAX)
             .into_iter()
             .take(BLOCKS_MAX)
-            .map(|chunk| json!({"type": "section", "text": {"type": "mrkdwn", "text": chunk}}))
+            .map(|chunk| section(&chunk))
             .collect();
         return json!({"text": truncate_chars(&notification.body, TEXT_MAX), "blocks": blocks});
     }

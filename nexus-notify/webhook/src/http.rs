@@ -165,6 +165,12 @@ pub fn truncate_chars(text: &str, max: usize) -> String {
     out
 }
 
+/// `at` as RFC 3339 in UTC with milliseconds (`2026-11-28T09:12:39.123Z`): the
+/// timestamps of the JSON documents sent.
+pub fn rfc3339(at: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Parses a `Retry-After` value: a number of seconds, or an HTTP date (a date in the past
 /// gives zero). `None` when it is neither.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {

@@ -251,17 +251,12 @@ pub fn payload(notification: &Notification) -> Value {
         "pipeline": event.and_then(|e| e.pipeline.clone()),
         "environment": event.and_then(|e| e.environment.clone()),
         "step": event.and_then(|e| e.step.clone()),
-        "at": rfc3339(at),
+        "at": http::rfc3339(at),
         "facts": notification.facts.iter().map(|(name, value)| json!({"name": name, "value": value})).collect::<Vec<_>>(),
         "log_tail": notification.log_tail,
         "link": notification.link,
         "labels": labels,
     })
-}
-
-/// `at` as RFC 3339 in UTC with milliseconds (`2026-11-28T09:12:39.123Z`).
-fn rfc3339(at: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The delivery id of `notification`: 32 hex digits of a SHA-256 over what identifies
