@@ -52,9 +52,18 @@ nexus_smtp_install() {
   [ -n "$(nexus_smtp_sink_bin)" ] || { nexus_smtp_log "postfix is installed but smtp-sink is not found"; return 1; }
 }
 
+# The sink's own directory (pid file, log, messages/). NEXUS_TEST_SMTP_DIR names it
+# before a start, and its messages/ subdirectory (what the tests read) once exported, so
+# a second sourcing or the stop finds the same directory.
+nexus_smtp_dir() {
+  local dir="${NEXUS_TEST_SMTP_DIR:-${TMPDIR:-/tmp}/nexus-test-smtp}"
+  printf '%s\n' "${dir%/messages}"
+}
+
 nexus_smtp_start() {
   local port="${NEXUS_TEST_SMTP_PORT:-2526}"
-  local dir="${NEXUS_TEST_SMTP_DIR:-${TMPDIR:-/tmp}/nexus-test-smtp}"
+  local dir
+  dir="$(nexus_smtp_dir)"
   nexus_smtp_install || return 1
   local sink
   sink="$(nexus_smtp_sink_bin)"
@@ -63,7 +72,17 @@ nexus_smtp_start() {
     nexus_smtp_log "$dir exists and is not a directory of $(id -un): remove it or set NEXUS_TEST_SMTP_DIR"
     return 1
   fi
-  mkdir -p "$dir/messages" && chmod 700 "$dir" || return 1
+  # -u: the user smtp-sink runs as (it refuses to run as root otherwise). As `nobody`, it
+  # must reach and write the message directory: also when a running sink is reused.
+  local user
+  user="$(id -un)"
+  [ "$user" = root ] && { id nobody >/dev/null 2>&1 && user=nobody; }
+  mkdir -p "$dir/messages" || return 1
+  if [ "$user" = nobody ]; then
+    chmod 711 "$dir" && chown nobody "$dir/messages" || return 1
+  else
+    chmod 700 "$dir" || return 1
+  fi
 
   local pid=""
   [ -f "$dir/smtp-sink.pid" ] && pid="$(cat "$dir/smtp-sink.pid" 2>/dev/null || true)"
@@ -73,15 +92,8 @@ nexus_smtp_start() {
     nexus_smtp_log "127.0.0.1:$port is taken by another program: free it or set NEXUS_TEST_SMTP_PORT"
     return 1
   else
-    # -u: the user it runs as (it refuses to run as root otherwise); -d DIR/%M.: one
-    # file per message named after a unique id; 100: the connection backlog.
-    local user
-    user="$(id -un)"
-    [ "$user" = root ] && { id nobody >/dev/null 2>&1 && user=nobody; }
-    if [ "$user" = nobody ]; then
-      # smtp-sink writes as `nobody`: it must reach and write the message directory.
-      chmod 711 "$dir" && chown nobody "$dir/messages" || return 1
-    fi
+    # -d DIR/%M.: one file per message named after a unique id; 100: the connection
+    # backlog.
     "$sink" -u "$user" -d "$dir/messages/%M." "127.0.0.1:$port" 100 >>"$dir/smtp-sink.log" 2>&1 &
     local started=$!
     echo "$started" >"$dir/smtp-sink.pid"
@@ -118,8 +130,8 @@ test_env_smtp() {
 # already running when this shell sourced the snippet is left alone, unless called as
 # `nexus_smtp_stop force` (which stops the one named by the pid file).
 nexus_smtp_stop() {
-  local dir="${NEXUS_TEST_SMTP_DIR:-${TMPDIR:-/tmp}/nexus-test-smtp/messages}"
-  dir="${dir%/messages}"
+  local dir
+  dir="$(nexus_smtp_dir)"
   local pid="${NEXUS_SMTP_STARTED_PID:-}"
   if [ "${1:-}" = force ] && [ -f "$dir/smtp-sink.pid" ]; then
     pid="$(cat "$dir/smtp-sink.pid" 2>/dev/null || true)"
