@@ -441,3 +441,12 @@ pub trait Notifier: Send + Sync {
     /// Sends one notification.
     async fn send(&self, notification: &Notification) -> Result<Receipt>;
 }
+
+/// Sleeps until `deadline`, or forever when there is none: the `select!` arm of an
+/// optional timeout.
+pub async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -813,7 +813,7 @@ impl RunState {
                 _ = heartbeat.tick() => {
                     self.tick(steps)?;
                 }
-                _ = sleep_until(next_wake) => {}
+                _ = crate::traits::sleep_until_some(next_wake.map(Into::into)) => {}
                 _ = self.interrupts.graceful.cancelled(), if !self.cancelled => {
                     self.cancel("cancelled by a signal");
                 }
@@ -1334,14 +1334,6 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-async fn sleep_until(when: Option<Instant>) {
-    match when {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A file-name-safe form of a step instance id.
 /// Records how each target of an attempt ended (before the attempt's own end is).
 /// Best effort: the attempt's record is what the run depends on.
 fn record_targets(

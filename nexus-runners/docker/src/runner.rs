@@ -18,9 +18,9 @@ use bollard::query_parameters::{
     KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures_util::{Stream as FuturesStream, StreamExt};
-use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task};
+use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task, sleep_until_some};
 use nexus_core::{Error, ErrorKind, Result};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -812,14 +812,6 @@ fn exit_code(
         }
         Some(Err(e)) => Err(e),
         None => Err(DockerError::DockerStreamError { error: "the wait ended without an exit code".to_owned() }),
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -49,9 +49,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use nexus_core::lines::LineBuffer;
 use nexus_core::outputs::{MAX_OUTPUT_BYTES, read_outputs_bytes};
-use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task};
+use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task, sleep_until_some};
 use nexus_core::{Error, ErrorKind, Result};
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -587,14 +587,6 @@ pub fn label_value(text: &str) -> String {
 /// An error about the attempt of `task`.
 fn step_error(kind: ErrorKind, task: &Task, what: impl std::fmt::Display) -> Error {
     task.error(kind, KUBERNETES_KIND, what)
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Why an attempt stopped early.

@@ -8,12 +8,12 @@ use std::process::{ExitStatus, Stdio};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task};
+use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task, sleep_until_some};
 use nexus_core::{Error, ErrorKind, Result};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::group::ProcessGroup;
@@ -277,14 +277,6 @@ async fn shutdown(
     group.finish();
     let output_left_open = !io_done && timeout(DRAIN_LIMIT, io).await.is_err();
     Stopped { killed, output_left_open }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// An error about the attempt of `task`.

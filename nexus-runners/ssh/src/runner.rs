@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task};
+use nexus_core::traits::{LogSink, Outcome, Program, Runner, Stream, Task, sleep_until_some};
 use nexus_core::{Error, ErrorKind, Result};
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use tokio::io::AsyncWriteExt;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::script::{self, Stopped, WrapperError};
@@ -72,14 +72,6 @@ pub(crate) async fn race<T>(
         () = cancel.cancelled() => Err(Interrupt::Cancelled),
         () = sleep_until_some(deadline) => Err(Interrupt::TimedOut),
         value = fut => Ok(value),
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
