@@ -1,7 +1,8 @@
 //! The engine, driven through the real `nexus` binary: crash and resume, retries,
 //! timeouts, cancellation, rollbacks, outputs, approvals, concurrency groups, secret
 //! redaction, conditions and `retry --from`; named locks and the run's parallelism;
-//! saved plans and `graph`; `logs --follow`; exit codes.
+//! a runner's `max_parallel`; `retry.on_exit_codes`; Ctrl-C; saved plans and `graph`;
+//! `logs --follow`; exit codes.
 //!
 //! Every pipeline lives in `tests/run/ssot/pipeline_registry.yaml`, runs on the `local`
 //! runner and writes only into the test's temporary directory (its `dir` param). Tests
@@ -239,6 +240,11 @@ mod helper {
                 stdout: std::fs::read_to_string(&self.out).unwrap_or_default(),
                 stderr: std::fs::read_to_string(&self.err).unwrap_or_default(),
             }
+        }
+
+        /// Its process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
         }
 
         /// SIGKILL to its process group, then reaps it.
@@ -913,4 +919,58 @@ fn exit_codes_tell_usage_from_failure_from_internal_errors() {
     let internal = env.spawn_command(command).wait();
     assert_eq!(internal.code, Some(3), "{}", internal.dump());
     assert!(internal.stderr.contains("cannot open the state store"), "{}", internal.dump());
+}
+
+#[test]
+fn a_runner_max_parallel_bounds_its_steps_under_a_wider_run() {
+    let env = Env::new();
+    let done = env.run("narrow");
+    assert_eq!(done.code, Some(0), "{}", done.dump());
+    // Each step wrote how many steps were running when it started, itself included.
+    assert_eq!(env.trace(), ["1", "1", "1", "1"], "runner `narrow` runs one step at a time");
+}
+
+#[test]
+fn retry_on_exit_codes_retries_only_the_listed_codes() {
+    let env = Env::new();
+    // Exit 3, not listed: one attempt, the step fails.
+    let failed = env.run("exit-codes");
+    assert_eq!(failed.code, Some(1), "{}", failed.dump());
+    assert_eq!(env.trace(), ["attempt 1"]);
+    let id = env.runs()[0]["id"].as_str().unwrap().to_owned();
+    let attempts = attempts_of(&env.show(&id), "pick");
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0]["exit_code"], 3);
+
+    // Exit 75, listed: retried, and the second attempt succeeds.
+    std::fs::remove_file(env.work.join("trace")).unwrap();
+    env.touch("flaky");
+    let retried = env.run("exit-codes");
+    assert_eq!(retried.code, Some(0), "{}", retried.dump());
+    assert_eq!(env.trace(), ["attempt 1", "attempt 2"]);
+}
+
+#[test]
+fn sigint_cancels_gracefully_and_stops_the_steps() {
+    let env = Env::new();
+    let run = env.spawn_run("cancel");
+    let id = run.run_id();
+    wait_until("the long step to start its child", || {
+        env.work.join("child").exists() && status_of(&env.show(&id), "long") == "running"
+    });
+    // Ctrl-C: SIGINT to nexus alone (not its group), as a terminal's first Ctrl-C is
+    // handled by nexus, which stops the step's own process group.
+    let pid = run.pid().to_string();
+    let sent = std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(sent.success());
+    let done = run.wait();
+    assert_eq!(done.code, Some(1), "{}", done.dump());
+    assert!(done.stderr.contains("stopping: cancelling running steps"), "{}", done.dump());
+    assert_eq!(env.run_record(&id)["status"], "cancelled");
+    assert_eq!(status_of(&env.show(&id), "long"), "cancelled");
+    assert!(env.trace().is_empty(), "nothing runs after a cancellation: {:?}", env.trace());
+    for file in ["long.pgid", "child"] {
+        let pid = read_pid(&env.work.join(file)).expect("pid file");
+        wait_until(&format!("process {pid} ({file}) to be gone"), || pid_is_dead(pid));
+    }
 }

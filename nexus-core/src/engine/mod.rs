@@ -1476,3 +1476,36 @@ impl Prepared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Duration as Span;
+
+    fn policy(jitter: bool) -> RetryPolicy {
+        RetryPolicy {
+            attempts: 10,
+            backoff: Some(Span(Duration::from_millis(100))),
+            factor: Some(3.0),
+            max_backoff: Some(Span(Duration::from_secs(2))),
+            jitter: Some(jitter),
+            on_exit_codes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_by_its_factor_up_to_its_cap() {
+        let waits: Vec<u128> = (2..=6).map(|next| backoff(&policy(false), next).as_millis()).collect();
+        assert_eq!(waits, [100, 300, 900, 2000, 2000]);
+    }
+
+    #[test]
+    fn backoff_with_jitter_stays_within_the_wait() {
+        for next in 2..=6 {
+            let cap = backoff(&policy(false), next);
+            for _ in 0..50 {
+                assert!(backoff(&policy(true), next) <= cap);
+            }
+        }
+    }
+}
