@@ -66,18 +66,29 @@ fn spec_rules() {
     assert_eq!(paths, ["server", "topic", "token"], "{issues:?}");
 }
 
-/// The library cargo built next to this test's rlib (`crate-type` has `cdylib`).
+/// This crate built as a plugin library (its `crate-type` has `cdylib`). `cargo test`
+/// does not promise the `cdylib` exists when the test runs, so the test builds it, in
+/// the target directory of the plugin fixtures (not the one of the `cargo test` running
+/// it, whose lock it would wait for).
 fn plugin_library() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let debug = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    debug.join(format!("libnexus_notify_ntfy.{}", std::env::consts::DLL_EXTENSION))
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = root.join("target/plugin-fixtures");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "-p", "nexus-notify-ntfy", "--lib", "--target-dir"])
+        .arg(&target)
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the ntfy plugin library failed");
+    target.join("debug").join(format!("libnexus_notify_ntfy.{}", std::env::consts::DLL_EXTENSION))
 }
 
 /// The same crate, loaded as a plugin library: same kind, same schema, same request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn works_the_same_loaded_as_a_plugin() {
     let path = plugin_library();
-    assert!(path.exists(), "{} was not built beside this test", path.display());
+    assert!(path.exists(), "{} was not built", path.display());
     let plugin = nexus_plugin::load_library(&path).unwrap();
     assert_eq!(plugin.name, "nexus-notify-ntfy");
     let mut catalog = nexus_core::Catalog::new();
