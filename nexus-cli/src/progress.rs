@@ -12,7 +12,6 @@ use nexus_core::engine::{Engine, RunOutcome};
 use nexus_core::plan::{Plan, PlannedAction};
 use nexus_core::state::{DeliveryStatus, StateStore, StepRecord, StepStatus};
 use nexus_core::traits::Event;
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::Output;
 
@@ -100,11 +99,7 @@ impl Display {
             loop {
                 tokio::select! {
                     received = events.recv() => {
-                        let event: Event = match received {
-                            Ok(e) => e,
-                            Err(RecvError::Lagged(_)) => continue,
-                            Err(RecvError::Closed) => break,
-                        };
+                        let Some(event): Option<Event> = received else { break };
                         if fancy { clear(&mut drawn); }
                         match event.kind.as_str() {
                             "step.started" => { if let Some(s) = &event.step { running.insert(s.clone(), Instant::now()); } }

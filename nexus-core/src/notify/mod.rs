@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -97,11 +96,8 @@ impl Notifications {
                 tokio::select! {
                     biased;
                     received = events.recv() => match received {
-                        Ok(event) => dispatcher.dispatch(&event, &mut sends, &mut summary),
-                        // Only a process emitting thousands of events a second lags;
-                        // routing is for failures, which are never that many.
-                        Err(RecvError::Lagged(_)) => continue,
-                        Err(RecvError::Closed) => break,
+                        Some(event) => dispatcher.dispatch(&event, &mut sends, &mut summary),
+                        None => break,
                     },
                     _ = stopped.cancelled() => break,
                 }
