@@ -104,6 +104,12 @@ impl Error {
         }
     }
 
+    /// The same error (kind, retryability, context, source) with another message.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// Names the operation that failed (`load`, `runner.run`, `notify.send`…).
     pub fn with_operation(mut self, operation: &'static str) -> Self {
         self.operation = operation;

@@ -100,17 +100,14 @@ impl Task {
     }
 
     /// `e`, raised by a helper that did not know the attempt, now about this attempt:
-    /// the same kind, retryability and context, the message prefixed as by
-    /// [`Task::error`].
+    /// the message prefixed as by [`Task::error`], the operation `runner.run`, the run
+    /// and step added to its context; kind, retryability, `retry_after` and source kept.
     pub fn rescope(&self, e: Error) -> Error {
-        let mut error =
-            Error::new(e.kind(), format!("step `{}` (attempt {}): {}", self.step_id, self.attempt, e.message()))
-                .with_operation("runner.run")
-                .set_retryable(e.is_retryable());
-        for (key, value) in e.context() {
-            error = error.with_context(key, value);
-        }
-        error.with_context("run", &self.run_id).with_context("step", &self.step_id)
+        let message = format!("step `{}` (attempt {}): {}", self.step_id, self.attempt, e.message());
+        e.with_message(message)
+            .with_operation("runner.run")
+            .with_context("run", &self.run_id)
+            .with_context("step", &self.step_id)
     }
 }
 
@@ -448,5 +445,30 @@ pub async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn rescope_prefixes_the_message_and_keeps_everything_else() {
+        let task = Task::new("r-1", "deploy", 2, Program::Argv(vec!["true".into()]));
+        let wait = std::time::Duration::from_secs(7);
+        let helper = Error::new(ErrorKind::Unavailable, "the daemon is restarting")
+            .with_context("host", "docker.sock")
+            .with_retry_after(wait)
+            .with_source(std::io::Error::other("connection refused"));
+        let e = task.rescope(helper);
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(e.message(), "step `deploy` (attempt 2): the daemon is restarting");
+        assert_eq!(e.operation(), "runner.run");
+        assert!(e.is_retryable());
+        assert_eq!(e.retry_after(), Some(wait));
+        assert_eq!(e.source().map(ToString::to_string).as_deref(), Some("connection refused"));
+        let context: Vec<(&str, &str)> = e.context().iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(context, [("host", "docker.sock"), ("run", "r-1"), ("step", "deploy")]);
     }
 }
