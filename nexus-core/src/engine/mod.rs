@@ -806,8 +806,8 @@ impl RunState {
             tokio::select! {
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
                     let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
-                    if position.contains_key(done.step.as_str()) {
-                        self.attempt_done(steps, done)?;
+                    if let Some(&i) = position.get(done.step.as_str()) {
+                        self.attempt_done(&steps[i], done)?;
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -985,6 +985,9 @@ impl RunState {
     }
 
     fn take_locks(&mut self, step: &PlannedStep) -> Result<bool> {
+        if step.locks.is_empty() {
+            return Ok(true);
+        }
         let holder = LeaseHolder { run_id: self.run_id.clone(), step_id: step.id.clone() };
         let mut taken = Vec::new();
         for lock in &step.locks {
@@ -1009,8 +1012,10 @@ impl RunState {
         {
             *n = n.saturating_sub(1);
         }
-        let holder = LeaseHolder { run_id: self.run_id.clone(), step_id: step_id.to_owned() };
-        if let Some(node) = self.nodes.get_mut(step_id) {
+        if let Some(node) = self.nodes.get_mut(step_id)
+            && !node.leases.is_empty()
+        {
+            let holder = LeaseHolder { run_id: self.run_id.clone(), step_id: step_id.to_owned() };
             for lock in std::mem::take(&mut node.leases) {
                 let _ = self.engine.store.release_lease(&lock, &holder);
             }
@@ -1211,9 +1216,8 @@ impl RunState {
     }
 
     /// Handles a finished attempt: journal, retry or finish the step.
-    fn attempt_done(&mut self, steps: &[PlannedStep], done: AttemptDone) -> Result<()> {
-        let step = steps.iter().find(|s| s.id == done.step).cloned().expect("attempt of a known step");
-        self.release(&done.step, &step);
+    fn attempt_done(&mut self, step: &PlannedStep, done: AttemptDone) -> Result<()> {
+        self.release(&done.step, step);
         let error = done.error.as_ref().map(|e| self.redactor.redact(e));
         let outputs: Map<String> = done.outputs.iter().map(|(k, v)| (k.clone(), self.redactor.redact(v))).collect();
         let mut record = AttemptRecord {
@@ -1243,14 +1247,14 @@ impl RunState {
         }
         if record.status == AttemptStatus::Succeeded {
             self.nodes.get_mut(&step.id).expect("node").outputs = outputs;
-            return self.finish_step_after(&step, StepStatus::Succeeded, None, Some(record));
+            return self.finish_step_after(step, StepStatus::Succeeded, None, Some(record));
         }
         let why = record.error.clone().unwrap_or_else(|| match record.exit_code {
             Some(code) => format!("exited with code {code}"),
             None => "failed".to_owned(),
         });
         if record.status == AttemptStatus::Cancelled || self.cancelled {
-            return self.finish_step_after(&step, StepStatus::Cancelled, Some(why), Some(record));
+            return self.finish_step_after(step, StepStatus::Cancelled, Some(why), Some(record));
         }
         let attempts = self.nodes[&step.id].attempts;
         let retryable_code = step.retry.on_exit_codes.is_empty()
@@ -1275,7 +1279,7 @@ impl RunState {
             );
             return Ok(());
         }
-        self.finish_step_after(&step, StepStatus::Failed, Some(why), Some(record))
+        self.finish_step_after(step, StepStatus::Failed, Some(why), Some(record))
     }
 
     fn finish_step(&mut self, step: &PlannedStep, status: StepStatus, error: Option<String>) -> Result<()> {

@@ -38,12 +38,33 @@ pub struct LocalRunner {
     /// writes it, which spares two file-system operations per attempt.
     outputs_dir: std::sync::OnceLock<tempfile::TempDir>,
     next_output: std::sync::atomic::AtomicU64,
+    /// `/dev/null`, opened once: an attempt's stdin is a duplicate of it (one `dup`
+    /// instead of an `open` per attempt).
+    dev_null: std::sync::OnceLock<std::fs::File>,
 }
 
 impl LocalRunner {
     /// A runner with these settings.
     pub fn new(spec: LocalSpec) -> Self {
-        LocalRunner { spec, outputs_dir: std::sync::OnceLock::new(), next_output: std::sync::atomic::AtomicU64::new(0) }
+        LocalRunner {
+            spec,
+            outputs_dir: std::sync::OnceLock::new(),
+            next_output: std::sync::atomic::AtomicU64::new(0),
+            dev_null: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// An attempt's stdin: nothing to read.
+    fn stdin(&self) -> Stdio {
+        if self.dev_null.get().is_none()
+            && let Ok(file) = std::fs::File::open("/dev/null")
+        {
+            let _ = self.dev_null.set(file);
+        }
+        match self.dev_null.get().map(std::fs::File::try_clone) {
+            Some(Ok(null)) => Stdio::from(null),
+            _ => Stdio::null(),
+        }
     }
 
     /// The program to start, its arguments, and how to name it in errors.
@@ -106,7 +127,7 @@ impl LocalRunner {
             command.current_dir(dir);
         }
         command
-            .stdin(Stdio::null())
+            .stdin(self.stdin())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own process group, so that stopping the attempt stops all it started.
