@@ -74,6 +74,22 @@ fn strip_null(node: Value) -> Value {
 
 /// The JSON Schema of one registry, with the spec schemas of the catalog's kinds.
 pub fn registry_schema(kind: RegistryKind, catalog: &Catalog) -> Value {
+    registry_schema_with(kind, catalog, |_, _| true)
+}
+
+/// The schema that checks `doc`, a document of `kind`'s registry: the same verdicts as
+/// [`registry_schema`], with the spec branches of only the kinds `doc` uses (a branch
+/// `if kind == X` can fire only on an entry of kind X). A small configuration then does
+/// not pay for compiling every kind's spec schema at each start.
+pub fn registry_schema_for(kind: RegistryKind, catalog: &Catalog, doc: &Value) -> Value {
+    registry_schema_with(kind, catalog, |section, name| {
+        doc.get(section).and_then(Value::as_object).is_some_and(|entries| {
+            entries.values().any(|entry| entry.get("kind").and_then(Value::as_str) == Some(name))
+        })
+    })
+}
+
+fn registry_schema_with(kind: RegistryKind, catalog: &Catalog, used: impl Fn(&str, &str) -> bool) -> Value {
     let mut schema = match kind {
         RegistryKind::Automation => inline_schema_for::<AutomationRegistry>(),
         RegistryKind::Pipeline => inline_schema_for::<PipelineRegistry>(),
@@ -95,6 +111,7 @@ pub fn registry_schema(kind: RegistryKind, catalog: &Catalog) -> Value {
         entry["properties"]["kind"]["examples"] = json!(names);
         let branches: Vec<Value> = kinds
             .iter()
+            .filter(|k| used(section, k.kind))
             .map(|k| {
                 json!({
                     "if": { "properties": { "kind": { "const": k.kind } }, "required": ["kind"] },
@@ -162,4 +179,89 @@ pub fn schema_files(catalog: &Catalog) -> Vec<(String, String)> {
             (kind.schema_file_name(), text)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::catalog::{ComponentKind, SpecIssue};
+    use crate::traits::{LogSink, Outcome, Runner, Task};
+    use crate::{Error, ErrorKind, Result};
+
+    struct Never;
+
+    #[async_trait]
+    impl Runner for Never {
+        async fn run(&self, _: &Task, _: &dyn LogSink, _: CancellationToken) -> Result<Outcome> {
+            Err(Error::new(ErrorKind::Unsupported, "test kind"))
+        }
+    }
+
+    macro_rules! test_kind {
+        ($kind:ident, $spec:ident, $name:literal, $field:ident) => {
+            #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+            #[serde(deny_unknown_fields)]
+            struct $spec {
+                $field: u16,
+            }
+            struct $kind;
+            impl ComponentKind for $kind {
+                type Trait = dyn Runner;
+                type Spec = $spec;
+                const KIND: &'static str = $name;
+                const DESCRIPTION: &'static str = "test";
+                fn example() -> $spec {
+                    $spec { $field: 1 }
+                }
+                fn validate(_: &$spec) -> Vec<SpecIssue> {
+                    Vec::new()
+                }
+                fn build(_: $spec) -> Result<Arc<dyn Runner>> {
+                    Ok(Arc::new(Never))
+                }
+            }
+        };
+    }
+    test_kind!(AKind, ASpec, "alpha", port);
+    test_kind!(BKind, BSpec, "beta", size);
+
+    /// What a schema says about a document: (where, what) of every error.
+    fn verdicts(schema: &Value, doc: &Value) -> Vec<(String, String)> {
+        let validator = jsonschema::draft202012::new(schema).expect("the schema compiles");
+        let mut out: Vec<(String, String)> =
+            validator.iter_errors(doc).map(|e| (e.instance_path().to_string(), e.to_string())).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_schema_for_a_document_keeps_only_its_kinds_and_the_same_verdicts() {
+        let mut catalog = Catalog::new();
+        catalog.runners.register_kind::<AKind>().unwrap();
+        catalog.runners.register_kind::<BKind>().unwrap();
+        let kind = RegistryKind::Orchestration;
+        let full = registry_schema(kind, &catalog);
+        let docs = [
+            json!({"version": 1, "runners": {"a": {"kind": "alpha", "spec": {"port": 8080}}}}),
+            json!({"version": 1, "runners": {"a": {"kind": "alpha", "spec": {"port": "x", "extra": 1}}}}),
+            json!({"version": 1, "runners": {"a": {"kind": "alpha", "spec": {"size": 1}},
+                                              "b": {"kind": "beta", "spec": {"port": 70000}}}}),
+            json!({"version": 1, "runners": {"a": {"kind": "gamma", "spec": {"anything": true}}}}),
+            json!({"version": 1, "runners": {"a": {"kind": 7, "spec": {}}}}),
+        ];
+        for doc in &docs {
+            let pruned = registry_schema_for(kind, &catalog, doc);
+            assert_eq!(verdicts(&pruned, doc), verdicts(&full, doc), "{doc}");
+        }
+        let branches = |s: &Value| s["properties"]["runners"]["additionalProperties"]["allOf"].as_array().map(Vec::len);
+        assert_eq!(branches(&full), Some(2));
+        assert_eq!(branches(&registry_schema_for(kind, &catalog, &docs[0])), Some(1));
+        assert_eq!(branches(&registry_schema_for(kind, &catalog, &docs[3])), None);
+        assert!(!verdicts(&full, &docs[1]).is_empty(), "the bad spec is refused");
+    }
 }

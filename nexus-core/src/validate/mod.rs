@@ -18,7 +18,7 @@ use crate::catalog::Catalog;
 use crate::diag::{Diagnostic, Location, Report};
 use crate::load::{self, RegistryDoc, RegistryKind, Sources};
 use crate::model::Ssot;
-use crate::schema::{envelope_family, registry_schema};
+use crate::schema::{envelope_family, registry_schema_for};
 use crate::yaml::escape_segment;
 
 /// What to validate for.
@@ -58,7 +58,7 @@ pub fn validate_dir(dir: &Path, catalog: &Catalog, options: &Options) -> Validat
         let Some(doc) = ctx.docs.get(&kind) else {
             continue;
         };
-        let schema = registry_schema(kind, catalog);
+        let schema = registry_schema_for(kind, catalog, &doc.value);
         let errors = schema_errors::check(doc, &schema, ctx.sources);
         let clean = errors.is_empty();
         for d in errors {
