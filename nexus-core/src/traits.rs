@@ -403,6 +403,13 @@ impl Notification {
         }
     }
 
+    /// The link when it is a web address (`http://` or `https://`), which a channel can
+    /// make a button of; `None` when there is no link or it is a command to show as text
+    /// (`nexus show RUN`).
+    pub fn web_link(&self) -> Option<&str> {
+        self.link.as_deref().filter(|l| l.starts_with("https://") || l.starts_with("http://"))
+    }
+
     /// The text a channel with its own layout (facts as fields, the log tail in a
     /// block, the link as a button) shows above that layout: the operator's templated
     /// body as is; otherwise the event's one-line message — `body` then already holds
@@ -452,6 +459,22 @@ pub async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 mod tests {
     use super::*;
     use std::error::Error as _;
+
+    #[test]
+    fn only_a_web_address_is_a_web_link() {
+        let mut n = Notification::new("t", "b", crate::model::Severity::Error, "k");
+        assert_eq!(n.web_link(), None);
+        for (link, web) in [
+            ("https://ci.example/runs/1", true),
+            ("http://localhost:8080/r", true),
+            ("nexus show r-1", false),
+            ("javascript:alert(1)", false),
+            ("HTTPS-ish", false),
+        ] {
+            n.link = Some(link.to_owned());
+            assert_eq!(n.web_link(), web.then_some(link), "{link}");
+        }
+    }
 
     #[test]
     fn rescope_prefixes_the_message_and_keeps_everything_else() {

@@ -168,7 +168,7 @@ pub fn message(spec: &NtfySpec, n: &Notification) -> Value {
         "priority": if n.resolve { 3 } else { priority(n.severity) },
         "tags": tags,
     });
-    if let Some(link) = n.link.as_deref().filter(|l| l.starts_with("http://") || l.starts_with("https://")) {
+    if let Some(link) = n.web_link() {
         doc["click"] = json!(link);
     }
     doc

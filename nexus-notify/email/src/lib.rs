@@ -394,10 +394,6 @@ fn escape_html(text: &str) -> String {
     out
 }
 
-fn is_url(link: &str) -> bool {
-    link.starts_with("https://") || link.starts_with("http://")
-}
-
 /// The plain-text and HTML bodies of `notification`.
 pub fn bodies(notification: &Notification) -> (String, String) {
     if notification.templated {
@@ -450,7 +446,7 @@ pub fn bodies(notification: &Notification) -> (String, String) {
         ));
     }
     if let Some(link) = &notification.link {
-        if is_url(link) {
+        if notification.web_link().is_some() {
             text.push_str(&format!("\nOpen the run: {link}\n"));
             html.push_str(&format!("<p><a href=\"{}\">Open the run</a></p>\n", escape_html(link)));
         } else {

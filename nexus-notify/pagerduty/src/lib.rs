@@ -190,8 +190,7 @@ impl PagerDutyNotifier {
             "client": "Nexus",
             "payload": payload,
         });
-        if let Some(link) = notification.link.as_ref().filter(|l| l.starts_with("https://") || l.starts_with("http://"))
-        {
+        if let Some(link) = notification.web_link() {
             event["client_url"] = json!(link);
             event["links"] = json!([{"href": link, "text": "Nexus run"}]);
         }

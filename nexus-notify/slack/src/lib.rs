@@ -410,7 +410,7 @@ pub fn message(notification: &Notification) -> Value {
         blocks.push(section(&log_block(&notification.log_tail)));
     }
     if let Some(link) = &notification.link {
-        if link.starts_with("https://") || link.starts_with("http://") {
+        if notification.web_link().is_some() {
             blocks.push(json!({
                 "type": "actions",
                 "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open the run"}, "url": link}],
