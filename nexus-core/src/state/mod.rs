@@ -125,10 +125,7 @@ pub struct Owner {
 impl Owner {
     /// This process.
     pub fn current() -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".to_owned());
-        Owner { host, pid: std::process::id() }
+        Owner { host: crate::host_name(), pid: std::process::id() }
     }
 }
 

@@ -145,7 +145,7 @@ impl PagerDutyNotifier {
     pub fn new(spec: PagerDutySpec) -> Result<Self> {
         Ok(PagerDutyNotifier {
             http: HttpChannel::new(PAGERDUTY_KIND, spec.timeout.map(Duration::get))?,
-            source: spec.source.clone().unwrap_or_else(host_name),
+            source: spec.source.clone().unwrap_or_else(nexus_core::host_name),
             spec,
         })
     }
@@ -256,16 +256,6 @@ fn dedup_key(key: &str) -> String {
         return key.to_owned();
     }
     Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// This machine's host name, for `payload.source` when the spec gives none.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "nexus".to_owned())
 }
 
 #[cfg(test)]
