@@ -5,63 +5,56 @@
 
 use std::fmt;
 
-/// What went wrong, as a caller needs to know it to decide what to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorKind {
+/// Declares [`ErrorKind`] with each variant's stable name, so that the enum, `as_str`
+/// and the list `from_name` searches cannot disagree.
+macro_rules! error_kinds {
+    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal,)+) => {
+        /// What went wrong, as a caller needs to know it to decide what to do.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorKind {
+            $($(#[doc = $doc])* $variant,)+
+        }
+
+        impl ErrorKind {
+            /// Every kind.
+            const ALL: &'static [ErrorKind] = &[$(ErrorKind::$variant),+];
+
+            /// Short stable name, used in JSON output and across the plugin boundary.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+error_kinds! {
     /// The configuration is wrong; fix it and try again.
-    InvalidConfig,
+    InvalidConfig => "invalid_config",
     /// Something named does not exist (a run, a step, a file, a remote object).
-    NotFound,
+    NotFound => "not_found",
     /// Credentials are missing or refused.
-    PermissionDenied,
+    PermissionDenied => "permission_denied",
     /// An operation took longer than allowed.
-    Timeout,
+    Timeout => "timeout",
     /// A service or daemon cannot be reached or is overloaded.
-    Unavailable,
+    Unavailable => "unavailable",
     /// The component does not support this operation.
-    Unsupported,
+    Unsupported => "unsupported",
     /// The operation was cancelled.
-    Cancelled,
+    Cancelled => "cancelled",
     /// The operation conflicts with the current state (a lock held, a run finished).
-    Conflict,
+    Conflict => "conflict",
     /// A bug or an unexpected state inside Nexus or a component.
-    Internal,
+    Internal => "internal",
 }
 
 impl ErrorKind {
-    /// Short stable name, used in JSON output and across the plugin boundary.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::InvalidConfig => "invalid_config",
-            ErrorKind::NotFound => "not_found",
-            ErrorKind::PermissionDenied => "permission_denied",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Unavailable => "unavailable",
-            ErrorKind::Unsupported => "unsupported",
-            ErrorKind::Cancelled => "cancelled",
-            ErrorKind::Conflict => "conflict",
-            ErrorKind::Internal => "internal",
-        }
-    }
-
-    /// Every kind. `as_str` matches exhaustively, so a new variant is named there;
-    /// it must be listed here too for [`from_name`](Self::from_name) to find it.
-    const ALL: [ErrorKind; 9] = [
-        ErrorKind::InvalidConfig,
-        ErrorKind::NotFound,
-        ErrorKind::PermissionDenied,
-        ErrorKind::Timeout,
-        ErrorKind::Unavailable,
-        ErrorKind::Unsupported,
-        ErrorKind::Cancelled,
-        ErrorKind::Conflict,
-        ErrorKind::Internal,
-    ];
-
     /// The kind named `name` by [`as_str`](Self::as_str), if any.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+        Self::ALL.iter().copied().find(|kind| kind.as_str() == name)
     }
 
     /// Whether errors of this kind are usually temporary.
@@ -232,7 +225,7 @@ mod tests {
     #[test]
     fn every_kind_is_found_by_its_name() {
         // Each name leads back to its own kind: no two kinds share a name.
-        for kind in ErrorKind::ALL {
+        for &kind in ErrorKind::ALL {
             assert_eq!(ErrorKind::from_name(kind.as_str()), Some(kind));
         }
         assert_eq!(ErrorKind::from_name("nope"), None);
