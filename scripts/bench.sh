@@ -17,8 +17,9 @@
 #
 # stdout: a header (lines starting with `#`), then exactly one line per workload:
 #   W1 nexus_s=… floor_s=… ratio=… rss_mb=…
-# Progress goes to stderr. Exits non-zero if a run fails (never because a target is
-# missed: this is a measurement, not a test).
+# Progress goes to stderr, and so does, when perf is installed, nexus's own CPU time per
+# workload (perf stat --no-inherit: without its children). Exits non-zero if a run fails
+# (never because a target is missed: this is a measurement, not a test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -109,6 +110,12 @@ else
   RSS_METHOD="python3 os.wait4 ru_maxrss (/usr/bin/time not installed)"
 fi
 
+# perf, if it is installed and allowed to count this user's processes (for the CPU line).
+PERF=""
+if command -v perf >/dev/null && perf stat -x, -e task-clock -o /dev/null -- true >/dev/null 2>&1; then
+  PERF=$(command -v perf)
+fi
+
 now_us() { local t=${EPOCHREALTIME//[.,]/}; printf "%s" "$t"; }
 
 # peak_rss_kb CMD... : runs CMD (output discarded), prints its peak RSS in KiB.
@@ -162,6 +169,23 @@ bench() {
     ((rss > rss_max)) && rss_max=$rss
     printf '%s run=%d nexus_us=%d nexus_rss_kb=%d\n' "$name" "$i" "${nexus_samples[-1]}" "$rss" >>"$raw"
   done
+  # nexus's own CPU time (not its children's): steadier than wall time on a shared
+  # machine, so a small change to the engine shows here first. Needs perf; to stderr,
+  # since stdout is one line per workload.
+  if [ -n "$PERF" ]; then
+    local cpu_samples=() c
+    for ((i = 0; i < 3; i++)); do
+      c=$("$PERF" stat --no-inherit -x, -e task-clock -o "$work/cpu.txt" -- \
+        "$NEXUS" run "$pipeline" --config "$cfg" --state "$work/state-$name-cpu" >/dev/null 2>&1 &&
+        awk -F, '/task-clock/ { print $1 }' "$work/cpu.txt")
+      rm -rf "$work/state-$name-cpu"
+      [ -n "$c" ] && cpu_samples+=("$c")
+    done
+    if ((${#cpu_samples[@]})); then
+      c=$(printf '%s\n' "${cpu_samples[@]}" | median)
+      say "bench: $name nexus's own CPU (perf stat --no-inherit task-clock, median of ${#cpu_samples[@]}): $(awk -v c="$c" -v j="$jobs" 'BEGIN { printf "%.1f ms", c; if (j > 1) printf ", %.0f us per step", c * 1000 / j }')"
+    fi
+  fi
   local n f
   n=$(printf '%s\n' "${nexus_samples[@]}" | median)
   f=$(printf '%s\n' "${floor_samples[@]}" | median)
