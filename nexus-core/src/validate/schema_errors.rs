@@ -9,9 +9,13 @@ use crate::load::{RegistryDoc, Sources};
 use crate::model::common::DURATION_PATTERN;
 use crate::yaml::escape_segment;
 
+/// Regular expressions of the schemas' `pattern`s, compiled once per process: the five
+/// registry schemas share some (every duration field has the same one).
+static PATTERNS: std::sync::LazyLock<jsonschema::PatternCache> = std::sync::LazyLock::new(Default::default);
+
 /// Validates `doc` against `schema`; every violation becomes a diagnostic.
 pub(crate) fn check(doc: &RegistryDoc, schema: &Value, sources: &Sources) -> Vec<Diagnostic> {
-    let validator = match jsonschema::draft202012::new(schema) {
+    let validator = match jsonschema::draft202012::options().with_pattern_cache(PATTERNS.clone()).build(schema) {
         Ok(v) => v,
         Err(e) => {
             return vec![Diagnostic::error(
