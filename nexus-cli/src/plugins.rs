@@ -97,7 +97,7 @@ pub fn cmd_plugins(output: Output) -> u8 {
                     "version": p.version,
                     "abi_version": p.abi_version,
                     "sdk_version": p.sdk_version,
-                    "kinds": p.kinds.iter().map(|k| serde_json::json!({
+                    "kinds": p.kinds().map(|k| serde_json::json!({
                         "family": k.family.to_string(), "kind": k.name, "description": k.description,
                     })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
@@ -129,7 +129,7 @@ pub fn cmd_plugins(output: Output) -> u8 {
             for p in &set.plugins {
                 outln!("\nloaded {} {} ({})", p.name, p.version, p.path.display());
                 outln!("  ABI version {}, built with nexus-plugin {}", p.abi_version, p.sdk_version);
-                for k in &p.kinds {
+                for k in p.kinds() {
                     outln!("  {:<9} {:<24} {}", k.family.to_string(), k.name, k.description);
                 }
             }

@@ -53,8 +53,6 @@ pub struct Plugin {
     pub abi_version: u32,
     /// The `nexus-plugin` version it was built with.
     pub sdk_version: String,
-    /// The kinds it provides.
-    pub kinds: Vec<PluginKind>,
     lib: Arc<Lib>,
     loaded: Arc<[LoadedKind]>,
 }
@@ -99,7 +97,7 @@ impl std::fmt::Debug for Plugin {
             .field("name", &self.name)
             .field("version", &self.version)
             .field("sdk_version", &self.sdk_version)
-            .field("kinds", &self.kinds)
+            .field("kinds", &self.kinds().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -337,14 +335,12 @@ pub fn load_library(path: &Path) -> Result<Plugin> {
         let spec = KindSpec::decode(kd, &kind_name).map(Arc::new);
         loaded.push(LoadedKind { decl: kd, info: PluginKind { family, name: kind_name, description }, spec });
     }
-    let kinds = loaded.iter().map(|k| k.info.clone()).collect();
     Ok(Plugin {
         path: path.to_path_buf(),
         name,
         version,
         abi_version: header.abi_version,
         sdk_version,
-        kinds,
         lib,
         loaded: loaded.into(),
     })
@@ -746,6 +742,11 @@ fn descriptor<T: ?Sized + 'static>(
 }
 
 impl Plugin {
+    /// The kinds it provides.
+    pub fn kinds(&self) -> impl Iterator<Item = &PluginKind> {
+        self.loaded.iter().map(|k| &k.info)
+    }
+
     /// Registers this plugin's kinds into `catalog`; returns an error for each kind that
     /// clashes with one already registered (naming both files).
     pub fn register(&self, catalog: &mut Catalog) -> Vec<Error> {

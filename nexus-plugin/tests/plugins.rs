@@ -38,7 +38,7 @@ fn handshake_lists_kinds_versions_and_schemas() {
     assert_eq!(plugin.name, "nexus-plugin-fixture");
     assert_eq!(plugin.abi_version, abi::ABI_VERSION);
     assert_eq!(plugin.sdk_version, abi::SDK_VERSION);
-    let kinds: Vec<String> = plugin.kinds.iter().map(|k| format!("{}:{}", k.family, k.name)).collect();
+    let kinds: Vec<String> = plugin.kinds().map(|k| format!("{}:{}", k.family, k.name)).collect();
     assert_eq!(
         kinds,
         ["runner:fixture-local", "service:fixture-service", "monitor:fixture-monitor", "notifier:fixture-notifier"]
