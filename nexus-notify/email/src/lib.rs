@@ -445,14 +445,12 @@ pub fn bodies(notification: &Notification) -> (String, String) {
             lines.join("\n")
         ));
     }
-    if let Some(link) = &notification.link {
-        if notification.web_link().is_some() {
-            text.push_str(&format!("\nOpen the run: {link}\n"));
-            html.push_str(&format!("<p><a href=\"{}\">Open the run</a></p>\n", escape_html(link)));
-        } else {
-            text.push_str(&format!("\nInspect with: {link}\n"));
-            html.push_str(&format!("<p>Inspect with <code>{}</code></p>\n", escape_html(link)));
-        }
+    if let Some(url) = notification.web_link() {
+        text.push_str(&format!("\nOpen the run: {url}\n"));
+        html.push_str(&format!("<p><a href=\"{}\">Open the run</a></p>\n", escape_html(url)));
+    } else if let Some(command) = &notification.link {
+        text.push_str(&format!("\nInspect with: {command}\n"));
+        html.push_str(&format!("<p>Inspect with <code>{}</code></p>\n", escape_html(command)));
     }
     html.push_str("</body></html>\n");
     (text, html)

@@ -409,16 +409,14 @@ pub fn message(notification: &Notification) -> Value {
     if !notification.log_tail.is_empty() {
         blocks.push(section(&log_block(&notification.log_tail)));
     }
-    if let Some(link) = &notification.link {
-        if notification.web_link().is_some() {
-            blocks.push(json!({
-                "type": "actions",
-                "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open the run"}, "url": link}],
-            }));
-        } else {
-            let text = format!("Inspect with `{}`", escape(link).replace('`', "'"));
-            blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}));
-        }
+    if let Some(url) = notification.web_link() {
+        blocks.push(json!({
+            "type": "actions",
+            "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open the run"}, "url": url}],
+        }));
+    } else if let Some(command) = &notification.link {
+        let text = format!("Inspect with `{}`", escape(command).replace('`', "'"));
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}));
     }
     blocks.truncate(BLOCKS_MAX);
     let mut text = format!("{emoji} {}", notification.title);
