@@ -735,7 +735,7 @@ impl RunState {
         self.commit()?;
         while let Some(joined) = self.running.join_next().await {
             let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
-            self.release(&done.step, &planned);
+            self.release(&planned);
             let record = AttemptRecord {
                 run_id: self.run_id.clone(),
                 step_id: step.id.clone(),
@@ -1006,16 +1006,17 @@ impl RunState {
         Ok(true)
     }
 
-    fn release(&mut self, step_id: &str, step: &PlannedStep) {
+    /// Gives back what an attempt of `step` held: its runner slot and its lock leases.
+    fn release(&mut self, step: &PlannedStep) {
         if let PlannedAction::Command(c) = &step.action
             && let Some(n) = self.running_per_runner.get_mut(&c.runner)
         {
             *n = n.saturating_sub(1);
         }
-        if let Some(node) = self.nodes.get_mut(step_id)
+        if let Some(node) = self.nodes.get_mut(&step.id)
             && !node.leases.is_empty()
         {
-            let holder = LeaseHolder { run_id: self.run_id.clone(), step_id: step_id.to_owned() };
+            let holder = LeaseHolder { run_id: self.run_id.clone(), step_id: step.id.clone() };
             for lock in std::mem::take(&mut node.leases) {
                 let _ = self.engine.store.release_lease(&lock, &holder);
             }
@@ -1217,7 +1218,7 @@ impl RunState {
 
     /// Handles a finished attempt: journal, retry or finish the step.
     fn attempt_done(&mut self, step: &PlannedStep, done: AttemptDone) -> Result<()> {
-        self.release(&done.step, step);
+        self.release(step);
         let error = done.error.as_ref().map(|e| self.redactor.redact(e));
         let outputs: Map<String> = done.outputs.iter().map(|(k, v)| (k.clone(), self.redactor.redact(v))).collect();
         let mut record = AttemptRecord {
