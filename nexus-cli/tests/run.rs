@@ -178,6 +178,15 @@ mod helper {
             done.stdout
         }
 
+        /// Starts `nexus run PIPELINE` and waits until its step has written `start RUN` to
+        /// the trace; returns the process and the run id.
+        pub fn spawn_run_started(&self, pipeline: &str) -> (Spawned, String) {
+            let run = self.spawn_run(pipeline);
+            let id = run.run_id();
+            wait_until(&format!("the step of run {id} to start"), || self.trace().contains(&format!("start {id}")));
+            (run, id)
+        }
+
         /// The lines of `WORK/trace`.
         pub fn trace(&self) -> Vec<String> {
             std::fs::read_to_string(self.work.join("trace")).unwrap_or_default().lines().map(str::to_owned).collect()
@@ -613,9 +622,7 @@ fn approval_granted_or_rejected_from_another_process() {
 #[test]
 fn concurrency_group_queue_waits_for_the_running_run() {
     let env = Env::new();
-    let a = env.spawn_run("group-queue");
-    let a_id = a.run_id();
-    wait_until("run A's step to start", || env.trace().contains(&format!("start {a_id}")));
+    let (a, a_id) = env.spawn_run_started("group-queue");
     let b = env.spawn_run("group-queue");
     let b_id = b.run_id();
     // B has seen A and decided to wait.
@@ -643,9 +650,7 @@ fn concurrency_group_queue_waits_for_the_running_run() {
 #[test]
 fn concurrency_group_skip_skips_while_another_run_is_active() {
     let env = Env::new();
-    let a = env.spawn_run("group-skip");
-    let a_id = a.run_id();
-    wait_until("run A's step to start", || env.trace().contains(&format!("start {a_id}")));
+    let (a, a_id) = env.spawn_run_started("group-skip");
     let started = std::time::Instant::now();
     let b = env.spawn_run("group-skip");
     let b_id = b.run_id();
@@ -784,9 +789,7 @@ fn retry_from_a_step_reuses_upstream_outputs() {
 #[test]
 fn concurrency_group_cancel_running_cancels_the_running_run() {
     let env = Env::new();
-    let a = env.spawn_run("group-cancel");
-    let a_id = a.run_id();
-    wait_until("run A's step to start", || env.trace().contains(&format!("start {a_id}")));
+    let (a, a_id) = env.spawn_run_started("group-cancel");
     let b = env.spawn_run("group-cancel");
     let b_id = b.run_id();
     let a = a.wait();
@@ -806,9 +809,7 @@ fn concurrency_group_cancel_running_cancels_the_running_run() {
 #[test]
 fn a_named_lock_is_held_across_runs_and_processes() {
     let env = Env::new();
-    let a = env.spawn_run("locked");
-    let a_id = a.run_id();
-    wait_until("run A's step to start", || env.trace().contains(&format!("start {a_id}")));
+    let (a, a_id) = env.spawn_run_started("locked");
     let b = env.spawn_run("locked");
     let b_id = b.run_id();
     // B is running and has retried the lock at two heartbeats at least, in vain.
