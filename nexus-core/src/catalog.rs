@@ -319,13 +319,14 @@ impl KindView<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::traits::{LogSink, Outcome, Task};
     use async_trait::async_trait;
     use tokio_util::sync::CancellationToken;
 
-    struct Echo;
+    /// A runner for test kinds: it refuses to run anything.
+    pub(crate) struct Echo;
 
     #[async_trait]
     impl Runner for Echo {

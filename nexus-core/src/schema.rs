@@ -185,22 +185,11 @@ pub fn schema_files(catalog: &Catalog) -> Vec<(String, String)> {
 mod tests {
     use std::sync::Arc;
 
-    use async_trait::async_trait;
-    use tokio_util::sync::CancellationToken;
-
     use super::*;
+    use crate::Result;
+    use crate::catalog::tests::Echo;
     use crate::catalog::{ComponentKind, SpecIssue};
-    use crate::traits::{LogSink, Outcome, Runner, Task};
-    use crate::{Error, ErrorKind, Result};
-
-    struct Never;
-
-    #[async_trait]
-    impl Runner for Never {
-        async fn run(&self, _: &Task, _: &dyn LogSink, _: CancellationToken) -> Result<Outcome> {
-            Err(Error::new(ErrorKind::Unsupported, "test kind"))
-        }
-    }
+    use crate::traits::Runner;
 
     macro_rules! test_kind {
         ($kind:ident, $spec:ident, $name:literal, $field:ident) => {
@@ -222,7 +211,7 @@ mod tests {
                     Vec::new()
                 }
                 fn build(_: $spec) -> Result<Arc<dyn Runner>> {
-                    Ok(Arc::new(Never))
+                    Ok(Arc::new(Echo))
                 }
             }
         };
