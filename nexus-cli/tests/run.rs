@@ -187,6 +187,19 @@ mod helper {
             (run, id)
         }
 
+        /// Lets run A's step end (`WORK/release`); both runs must succeed, B's step having
+        /// started only after A's ended.
+        pub fn release_and_expect_one_after_the_other(&self, a: Spawned, a_id: &str, b: Spawned, b_id: &str) {
+            self.touch("release");
+            let (a, b) = (a.wait(), b.wait());
+            assert_eq!(a.code, Some(0), "{}", a.dump());
+            assert_eq!(b.code, Some(0), "{}", b.dump());
+            assert_eq!(
+                self.trace(),
+                [format!("start {a_id}"), format!("end {a_id}"), format!("start {b_id}"), format!("end {b_id}")]
+            );
+        }
+
         /// The lines of `WORK/trace`.
         pub fn trace(&self) -> Vec<String> {
             std::fs::read_to_string(self.work.join("trace")).unwrap_or_default().lines().map(str::to_owned).collect()
@@ -631,14 +644,7 @@ fn concurrency_group_queue_waits_for_the_running_run() {
     assert_eq!(env.run_record(&a_id)["status"], "running");
     assert_eq!(env.trace(), [format!("start {a_id}")], "B must not start while A runs");
 
-    env.touch("release");
-    let (a, b) = (a.wait(), b.wait());
-    assert_eq!(a.code, Some(0), "{}", a.dump());
-    assert_eq!(b.code, Some(0), "{}", b.dump());
-    assert_eq!(
-        env.trace(),
-        [format!("start {a_id}"), format!("end {a_id}"), format!("start {b_id}"), format!("end {b_id}")]
-    );
+    env.release_and_expect_one_after_the_other(a, &a_id, b, &b_id);
     let (a_rec, b_rec) = (env.run_record(&a_id), env.run_record(&b_id));
     assert_eq!(b_rec["status"], "succeeded");
     assert!(
@@ -820,14 +826,7 @@ fn a_named_lock_is_held_across_runs_and_processes() {
     assert_eq!(env.trace(), [format!("start {a_id}")], "B must not take lock `db` while A holds it");
     assert_eq!(status_of(&env.show(&b_id), "work"), "pending");
 
-    env.touch("release");
-    let (a, b) = (a.wait(), b.wait());
-    assert_eq!(a.code, Some(0), "{}", a.dump());
-    assert_eq!(b.code, Some(0), "{}", b.dump());
-    assert_eq!(
-        env.trace(),
-        [format!("start {a_id}"), format!("end {a_id}"), format!("start {b_id}"), format!("end {b_id}")]
-    );
+    env.release_and_expect_one_after_the_other(a, &a_id, b, &b_id);
 }
 
 #[test]
