@@ -805,9 +805,15 @@ impl RunState {
             let next_wake = self.next_wake();
             tokio::select! {
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
-                    let done = joined.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
-                    if let Some(&i) = position.get(done.step.as_str()) {
-                        self.attempt_done(&steps[i], done)?;
+                    // Every attempt that has ended by now goes into this pass: one commit
+                    // for all of them and the steps they unblock.
+                    let mut joined = Some(joined);
+                    while let Some(result) = joined {
+                        let done = result.map_err(|e| Error::new(ErrorKind::Internal, format!("an attempt task failed: {e}")))?;
+                        if let Some(&i) = position.get(done.step.as_str()) {
+                            self.attempt_done(&steps[i], done)?;
+                        }
+                        joined = self.running.try_join_next();
                     }
                 }
                 _ = heartbeat.tick() => {
