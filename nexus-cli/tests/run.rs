@@ -101,6 +101,9 @@ mod helper {
                 .env_remove("NEXUS_STATE")
                 .env_remove("NEXUS_TEST_TOKEN")
                 .env("NO_COLOR", "1")
+                // Its temporary files (the `$NEXUS_OUTPUT` directory) go with the test's:
+                // a nexus the test kills with SIGKILL cannot remove them itself.
+                .env("TMPDIR", self.tmp.path())
                 .stdin(Stdio::null())
                 // Its own process group, so the test can kill it and only it.
                 .process_group(0);
