@@ -150,22 +150,35 @@ pub fn cmd_show(state: &Path, output: Output, run_id: &str) -> u8 {
     outln!();
     out!("{}", steps_table(&steps));
     if !attempts.is_empty() {
-        outln!("\nattempts:");
+        // One column per field, as wide as the longest step id.
+        let width = attempts.iter().map(|a| a.step_id.chars().count()).max().unwrap_or(0).max(4);
+        outln!(
+            "\n{:<width$}  {:>2}  {:<8} {:<11} {:<10} {:>9}  {}",
+            "STEP",
+            "#",
+            "KIND",
+            "STATUS",
+            "ENDED",
+            "DURATION",
+            "ERROR"
+        );
         for a in &attempts {
-            let kind = status_name(a.kind);
-            let status = status_name(a.status);
-            let exit = how_it_ended(a.exit_code, a.signal);
-            outln!(
-                "  {} #{} {kind:<8} {status:<11} {exit:<8} {}",
+            let row = format!(
+                "{:<width$}  {:>2}  {:<8} {:<11} {:<10} {:>9}  {}",
                 a.step_id,
                 a.number,
+                status_name(a.kind),
+                status_name(a.status),
+                how_it_ended(a.exit_code, a.signal),
+                crate::progress::span(Some(a.started_at), a.finished_at),
                 a.error.as_deref().unwrap_or("")
             );
+            outln!("{}", row.trim_end());
             for t in targets.iter().filter(|t| t.step_id == a.step_id && t.number == a.number && t.kind == a.kind) {
                 let status = if t.skipped { "not-started".to_owned() } else { status_name(t.status) };
                 let exit = how_it_ended(t.exit_code, t.signal);
                 outln!(
-                    "      {:<20} {status:<11} {exit:<8} {}  log: {}",
+                    "  on {:<20} {status:<11} {exit:<10} {}  log: {}",
                     t.target,
                     t.error.as_deref().unwrap_or(""),
                     t.log_path

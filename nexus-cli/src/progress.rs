@@ -192,7 +192,12 @@ fn terminal_width() -> usize {
 }
 
 fn duration_of(s: &StepRecord) -> String {
-    match (s.started_at, s.finished_at) {
+    span(s.started_at, s.finished_at)
+}
+
+/// The time from `start` to `end` (Unix ms) in seconds, `-` if it has not ended.
+pub fn span(start: Option<i64>, end: Option<i64>) -> String {
+    match (start, end) {
         (Some(a), Some(b)) if b >= a => format!("{:.2}s", (b - a) as f64 / 1000.0),
         _ => "-".to_owned(),
     }
@@ -217,14 +222,16 @@ pub fn steps_table(steps: &[StepRecord]) -> String {
     let width = steps.iter().map(|s| s.step_id.chars().count()).max().unwrap_or(4).max(4);
     let mut out = format!("{:<width$}  {:<16} {:>8}  {:>9}  {}\n", "STEP", "STATUS", "ATTEMPTS", "DURATION", "NOTE");
     for s in steps {
-        out.push_str(&format!(
-            "{:<width$}  {:<16} {:>8}  {:>9}  {}\n",
+        let row = format!(
+            "{:<width$}  {:<16} {:>8}  {:>9}  {}",
             s.step_id,
             step_status(s.status),
             s.attempts,
             duration_of(s),
             s.error.as_deref().unwrap_or("")
-        ));
+        );
+        out.push_str(row.trim_end());
+        out.push('\n');
     }
     out
 }

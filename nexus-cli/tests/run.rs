@@ -448,6 +448,15 @@ fn retry_then_success() {
     assert!(events_of(&show).contains(&"step.retrying flaky".to_owned()), "{:?}", events_of(&show));
     let logs = env.logs(&id);
     assert!(logs.contains("attempt 1") && logs.contains("attempt 2"), "{logs}");
+    // `nexus show` as text: the attempts as a table, one row each, in columns.
+    let text = env.nexus(&["show", &id]).stdout;
+    let header = text.lines().position(|l| l.starts_with("STEP") && l.contains("KIND")).expect(&text);
+    let rows: Vec<&str> = text.lines().skip(header).take(3).collect();
+    let column = |line: &str, word: &str| line.find(word).unwrap_or_else(|| panic!("no `{word}` in `{line}`"));
+    assert_eq!(column(rows[1], "failed"), column(rows[0], "STATUS"), "{text}");
+    assert_eq!(column(rows[2], "succeeded"), column(rows[0], "STATUS"), "{text}");
+    assert!(rows[1].starts_with("flaky") && rows[1].contains("exit 1"), "{text}");
+    assert!(rows[2].starts_with("flaky") && rows[2].contains("exit 0"), "{text}");
 }
 
 #[test]
