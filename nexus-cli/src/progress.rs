@@ -191,10 +191,6 @@ fn terminal_width() -> usize {
     std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(100)
 }
 
-fn duration_of(s: &StepRecord) -> String {
-    span(s.started_at, s.finished_at)
-}
-
 /// The time from `start` to `end` (Unix ms) in seconds, `-` if it has not ended.
 pub fn span(start: Option<i64>, end: Option<i64>) -> String {
     match (start, end) {
@@ -227,7 +223,7 @@ pub fn steps_table(steps: &[StepRecord]) -> String {
             s.step_id,
             step_status(s.status),
             s.attempts,
-            duration_of(s),
+            span(s.started_at, s.finished_at),
             s.error.as_deref().unwrap_or("")
         );
         out.push_str(row.trim_end());
