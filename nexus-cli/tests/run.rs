@@ -378,6 +378,11 @@ fn start_and_kill_in_b(env: &Env, pipeline: &str) -> String {
 fn kill_9_then_resume_asks_about_a_non_idempotent_step_then_reruns_it() {
     let env = Env::new();
     let id = start_and_kill_in_b(&env, "crash");
+    // The killed process's scratch directory (its `$NEXUS_OUTPUT` files) is left in the
+    // state directory, not in the system's temporary one.
+    let leftovers = scratch_dirs(&env);
+    assert!(leftovers.len() == 1 && leftovers[0].starts_with(&format!("{id}.")), "{leftovers:?}");
+    assert_eq!(nexus_temp_files(&env), Vec::<String>::new());
 
     let refused = env.nexus(&["resume", &id]);
     assert_eq!(refused.code, Some(2), "{}", refused.dump());
@@ -400,6 +405,22 @@ fn kill_9_then_resume_asks_about_a_non_idempotent_step_then_reruns_it() {
     let b: Vec<String> = attempts_of(&show, "b").iter().map(|a| a["status"].as_str().unwrap().to_owned()).collect();
     assert_eq!(b, ["interrupted", "succeeded"]);
     assert_eq!(attempts_of(&show, "a").len(), 1, "a finished step is never run again");
+    assert_eq!(scratch_dirs(&env), Vec::<String>::new(), "the resume removed the dead process's scratch directory");
+}
+
+/// The scratch directories (`<state>/tmp/<run>.<pid>`) present now.
+fn scratch_dirs(env: &Env) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(env.state.join("tmp")) else { return Vec::new() };
+    entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// What nexus put in its `TMPDIR` (the test's directory) under its own names.
+fn nexus_temp_files(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.scratch())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("nexus-outputs-"))
+        .collect()
 }
 
 #[test]
@@ -599,6 +620,9 @@ fn outputs_flow_between_steps() {
     let one = show["steps"].as_array().unwrap().iter().find(|s| s["step_id"] == "one").unwrap();
     let outputs: Value = serde_json::from_str(one["outputs_json"].as_str().unwrap()).unwrap();
     assert_eq!(outputs, serde_json::json!({"answer": "42"}));
+    // The `$NEXUS_OUTPUT` files were in the run's scratch directory, gone with the run.
+    assert_eq!(scratch_dirs(&env), Vec::<String>::new());
+    assert_eq!(nexus_temp_files(&env), Vec::<String>::new());
 }
 
 /// Starts `approval` and waits until its gate waits; checks nothing ran meanwhile.

@@ -70,6 +70,13 @@ pub struct Task {
     pub working_dir: Option<String>,
     /// Time limit: the runner kills everything it started when it passes.
     pub timeout: Option<Duration>,
+    /// A private (0700) directory of this run, on this machine, for the files a runner
+    /// keeps next to the attempt (the `$NEXUS_OUTPUT` file). It is under the state
+    /// directory, so what a killed `nexus` leaves in it is removed when the run is
+    /// resumed, instead of staying in the system's temporary directory. Runners of several
+    /// kinds share it: name files with the runner kind as a prefix. `None` (a task built
+    /// outside the engine): the runner uses a temporary directory of its own.
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl Task {
@@ -85,6 +92,7 @@ impl Task {
             secrets: Vec::new(),
             working_dir: None,
             timeout: None,
+            scratch_dir: None,
         }
     }
 

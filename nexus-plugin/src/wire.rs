@@ -151,6 +151,7 @@ pub fn task_to_wire(t: &Task) -> Result<Value> {
         "secrets": t.secrets.iter().map(|(k, v)| (k.as_str(), v.expose())).collect::<Vec<_>>(),
         "working_dir": t.working_dir,
         "timeout_ns": t.timeout.map(|d| d.as_nanos() as u64),
+        "scratch_dir": t.scratch_dir,
     }))
 }
 
@@ -175,6 +176,7 @@ pub fn task_from_wire(v: &Value) -> Result<Task> {
         field::<Vec<(String, String)>>(v, "secrets", w)?.into_iter().map(|(k, s)| (k, SecretValue::new(s))).collect();
     task.working_dir = field(v, "working_dir", w)?;
     task.timeout = field::<Option<u64>>(v, "timeout_ns", w)?.map(Duration::from_nanos);
+    task.scratch_dir = field(v, "scratch_dir", w)?;
     Ok(task)
 }
 
@@ -322,4 +324,34 @@ pub fn receipt_to_wire(r: &Receipt) -> Value {
 /// A receipt back from its wire form.
 pub fn receipt_from_wire(v: &Value) -> Result<Receipt> {
     Ok(Receipt::new(field(v, "message_id", "receipt")?, field(v, "dedup_key", "receipt")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_crosses_the_wire_with_every_field() {
+        let mut task = Task::new("r1", "deploy[env=prod]", 2, Program::Argv(vec!["/bin/echo".into(), "hi".into()]));
+        task.image = Some("alpine:3".into());
+        task.env = vec![("A".into(), "1".into())];
+        task.secrets = vec![("TOKEN".into(), SecretValue::new("s3cret".to_owned()))];
+        task.working_dir = Some("sub".into());
+        task.timeout = Some(Duration::from_millis(1500));
+        task.scratch_dir = Some("/state/tmp/r1.42".into());
+        let back = task_from_wire(&task_to_wire(&task).unwrap()).unwrap();
+        assert_eq!((back.run_id.as_str(), back.step_id.as_str(), back.attempt), ("r1", "deploy[env=prod]", 2));
+        assert_eq!(back.program, task.program);
+        assert_eq!(back.image, task.image);
+        assert_eq!(back.env, task.env);
+        assert_eq!(back.secrets.len(), 1);
+        assert_eq!((back.secrets[0].0.as_str(), back.secrets[0].1.expose()), ("TOKEN", "s3cret"));
+        assert_eq!(back.working_dir, task.working_dir);
+        assert_eq!(back.timeout, task.timeout);
+        assert_eq!(back.scratch_dir, task.scratch_dir);
+        // A host that does not send a scratch directory (an older one): none.
+        let mut old = task_to_wire(&task).unwrap();
+        old.as_object_mut().unwrap().remove("scratch_dir");
+        assert_eq!(task_from_wire(&old).unwrap().scratch_dir, None);
+    }
 }

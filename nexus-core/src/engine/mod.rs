@@ -13,6 +13,7 @@
 
 mod events;
 pub mod logs;
+mod scratch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -227,6 +228,8 @@ impl Engine {
             return Ok(outcome);
         }
         self.store.claim_run(run_id, &owner)?;
+        // The run is ours: what processes that ran it before left behind can go.
+        scratch::remove_leftovers(&self.state_dir, run_id);
         self.emit(
             run_id,
             plan,
@@ -486,11 +489,14 @@ pub fn is_alive(run: &RunRecord) -> bool {
     }
     let fresh = run.heartbeat_at.is_some_and(|h| now_millis() - h < STALE_AFTER_MS);
     match &run.owner {
-        Some(owner) if owner.host == Owner::current().host => {
-            fresh && std::path::Path::new(&format!("/proc/{}", owner.pid)).exists()
-        }
+        Some(owner) if owner.host == Owner::current().host => fresh && pid_alive(owner.pid),
         _ => fresh,
     }
+}
+
+/// Whether a process of this pid exists on this host.
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn status_word(status: RunStatus) -> &'static str {
@@ -565,6 +571,8 @@ struct RunState {
     /// without scanning it).
     just_finished: Vec<String>,
     deadline: Option<Instant>,
+    /// The run's scratch directory in this process (`Task::scratch_dir`).
+    scratch: Option<scratch::Scratch>,
 }
 
 impl RunState {
@@ -585,6 +593,7 @@ impl RunState {
         let deadline = plan.timeout.map(|t| Instant::now() + t.get());
         // Attempt logs go to <state>/logs/<run>/; a failure shows at the first attempt.
         let _ = std::fs::create_dir_all(engine.state_dir.join("logs").join(&run_id));
+        let scratch = scratch::Scratch::create(&engine.state_dir, &run_id);
         RunState {
             engine,
             run_id,
@@ -604,6 +613,7 @@ impl RunState {
             finished_counter: 0,
             just_finished: Vec::new(),
             deadline,
+            scratch,
         }
     }
 
@@ -1162,6 +1172,7 @@ impl RunState {
                 task.env = resolved.env;
                 task.working_dir = resolved.working_dir;
                 task.timeout = step.timeout.map(|t| t.get());
+                task.scratch_dir = self.scratch.as_ref().map(|s| s.path().to_owned());
                 task.secrets =
                     secrets.into_iter().map(|(name, value)| (name.to_uppercase().replace('-', "_"), value)).collect();
                 let store = self.engine.store.clone();

@@ -33,11 +33,9 @@ const REAP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 #[derive(Debug)]
 pub struct LocalRunner {
     spec: LocalSpec,
-    /// A private (0700) directory for the attempts' `$NEXUS_OUTPUT` files, created on
-    /// first use. Each attempt gets a fresh path in it; the file exists only if the step
-    /// writes it, which spares two file-system operations per attempt.
+    /// For tasks without a scratch directory (built outside the engine): a private
+    /// (0700) temporary directory for their `$NEXUS_OUTPUT` files, created on first use.
     outputs_dir: std::sync::OnceLock<tempfile::TempDir>,
-    next_output: std::sync::atomic::AtomicU64,
     /// `/dev/null`, opened once: an attempt's stdin is a duplicate of it (one `dup`
     /// instead of an `open` per attempt).
     dev_null: std::sync::OnceLock<std::fs::File>,
@@ -46,12 +44,7 @@ pub struct LocalRunner {
 impl LocalRunner {
     /// A runner with these settings.
     pub fn new(spec: LocalSpec) -> Self {
-        LocalRunner {
-            spec,
-            outputs_dir: std::sync::OnceLock::new(),
-            next_output: std::sync::atomic::AtomicU64::new(0),
-            dev_null: std::sync::OnceLock::new(),
-        }
+        LocalRunner { spec, outputs_dir: std::sync::OnceLock::new(), dev_null: std::sync::OnceLock::new() }
     }
 
     /// An attempt's stdin: nothing to read.
@@ -153,9 +146,20 @@ impl Drop for OutputFile {
     }
 }
 
+/// Numbers the `$NEXUS_OUTPUT` paths of the process: every local runner instance of a run
+/// shares the run's scratch directory.
+static NEXT_OUTPUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl LocalRunner {
-    /// A fresh, not yet existing path in the runner's private outputs directory.
+    /// A fresh, not yet existing path for the attempt's `$NEXUS_OUTPUT` file, in the run's
+    /// scratch directory (or the runner's own temporary one). The file exists only if the
+    /// step writes it, which spares two file-system operations per attempt.
     fn output_path(&self, task: &Task) -> Result<std::path::PathBuf> {
+        let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{LOCAL_KIND}-output-{n}");
+        if let Some(scratch) = &task.scratch_dir {
+            return Ok(scratch.join(name));
+        }
         let dir = match self.outputs_dir.get() {
             Some(d) => d,
             None => {
@@ -172,8 +176,7 @@ impl LocalRunner {
                 self.outputs_dir.get().expect("set above")
             }
         };
-        let n = self.next_output.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(dir.path().join(format!("output-{n}")))
+        Ok(dir.path().join(name))
     }
 }
 
