@@ -228,8 +228,6 @@ impl Engine {
             return Ok(outcome);
         }
         self.store.claim_run(run_id, &owner)?;
-        // The run is ours: what processes that ran it before left behind can go.
-        scratch::remove_leftovers(&self.state_dir, run_id);
         self.emit(
             run_id,
             plan,

@@ -1,8 +1,9 @@
 //! A run's scratch directory (`Task::scratch_dir`): `<state>/tmp/<run>.<pid>/`, private
 //! (0700), created when the run starts in this process and removed when it ends here.
-//! A `nexus` killed with SIGKILL cannot remove its own; the next process that takes the
-//! run (`nexus resume`) removes those of dead processes, so nothing is left in the
-//! system's temporary directory and nothing outlives the run's state.
+//! A `nexus` killed with SIGKILL cannot remove its own; the next process that runs the
+//! run (`nexus resume`) removes those of dead processes when it creates its own, so
+//! nothing is left in the system's temporary directory and nothing outlives the run's
+//! state.
 
 use std::path::{Path, PathBuf};
 
@@ -13,19 +14,25 @@ pub(super) struct Scratch {
 }
 
 impl Scratch {
-    /// Creates this process's scratch directory for `run_id`. `None` if it cannot be
-    /// created: runners then use a temporary directory of their own, as for a task built
-    /// outside the engine.
+    /// Creates this process's scratch directory for `run_id`, after removing those of
+    /// the run's earlier processes that are gone. `None` if it cannot be created: runners
+    /// then use a temporary directory of their own, as for a task built outside the engine.
     pub(super) fn create(state_dir: &Path, run_id: &str) -> Option<Scratch> {
         use std::os::unix::fs::DirBuilderExt;
-        let parent = state_dir.join("tmp");
-        std::fs::create_dir_all(&parent).ok()?;
         // Absolute: the step's process runs in its own working directory.
-        let parent = std::fs::canonicalize(parent).ok()?;
+        let parent = std::path::absolute(state_dir.join("tmp")).ok()?;
+        remove_leftovers(&parent, run_id);
+        std::fs::create_dir_all(&parent).ok()?;
         let path = parent.join(format!("{run_id}.{}", std::process::id()));
-        // A directory of the same name is a leftover of a dead process with this pid.
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::DirBuilder::new().mode(0o700).create(&path).ok()?;
+        let create = || std::fs::DirBuilder::new().mode(0o700).create(&path);
+        if let Err(e) = create() {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return None;
+            }
+            // Left by a dead process that had this pid: start afresh.
+            let _ = std::fs::remove_dir_all(&path);
+            create().ok()?;
+        }
         Some(Scratch { path })
     }
 
@@ -40,9 +47,9 @@ impl Drop for Scratch {
     }
 }
 
-/// Removes the scratch directories of `run_id` left by processes that are gone.
-pub(super) fn remove_leftovers(state_dir: &Path, run_id: &str) {
-    let Ok(entries) = std::fs::read_dir(state_dir.join("tmp")) else { return };
+/// Removes the scratch directories of `run_id` in `parent` left by processes that are gone.
+fn remove_leftovers(parent: &Path, run_id: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
     let prefix = format!("{run_id}.");
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -86,7 +93,7 @@ mod tests {
             std::fs::create_dir_all(dir).unwrap();
             std::fs::write(dir.join("local-output-0"), "k=v\n").unwrap();
         }
-        remove_leftovers(state.path(), "r1");
+        remove_leftovers(&tmp, "r1");
         assert!(!dead.exists(), "a dead process's directory is removed");
         assert!(live.exists(), "a live process's directory is kept");
         assert!(other_run.exists(), "another run's directory is not touched");
