@@ -36,9 +36,9 @@ pub struct LocalRunner {
     /// For tasks without a scratch directory (built outside the engine): a private
     /// (0700) temporary directory for their `$NEXUS_OUTPUT` files, created on first use.
     outputs_dir: std::sync::OnceLock<tempfile::TempDir>,
-    /// `/dev/null`, opened once: an attempt's stdin is a duplicate of it (one `dup`
-    /// instead of an `open` per attempt).
-    dev_null: std::sync::OnceLock<std::fs::File>,
+    /// `/dev/null`, opened once (`None` if it cannot be): an attempt's stdin is a
+    /// duplicate of it (one `dup` instead of an `open` per attempt).
+    dev_null: std::sync::OnceLock<Option<std::fs::File>>,
 }
 
 impl LocalRunner {
@@ -49,15 +49,8 @@ impl LocalRunner {
 
     /// An attempt's stdin: nothing to read.
     fn stdin(&self) -> Stdio {
-        if self.dev_null.get().is_none()
-            && let Ok(file) = std::fs::File::open("/dev/null")
-        {
-            let _ = self.dev_null.set(file);
-        }
-        match self.dev_null.get().map(std::fs::File::try_clone) {
-            Some(Ok(null)) => Stdio::from(null),
-            _ => Stdio::null(),
-        }
+        let null = self.dev_null.get_or_init(|| std::fs::File::open("/dev/null").ok());
+        null.as_ref().and_then(|f| f.try_clone().ok()).map_or_else(Stdio::null, Stdio::from)
     }
 
     /// The program to start, its arguments, and how to name it in errors.
