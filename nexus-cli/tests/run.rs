@@ -10,6 +10,7 @@
 //! by the step, a status in `nexus show --output json`) with a deadline; none sleeps a
 //! fixed time hoping it happened.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -408,19 +409,20 @@ fn kill_9_then_resume_asks_about_a_non_idempotent_step_then_reruns_it() {
     assert_eq!(scratch_dirs(&env), Vec::<String>::new(), "the resume removed the dead process's scratch directory");
 }
 
+/// The names in `dir` (none if it does not exist).
+fn names_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
 /// The scratch directories (`<state>/tmp/<run>.<pid>`) present now.
 fn scratch_dirs(env: &Env) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(env.state.join("tmp")) else { return Vec::new() };
-    entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    names_in(&env.state.join("tmp"))
 }
 
 /// What nexus put in its `TMPDIR` (the test's directory) under its own names.
 fn nexus_temp_files(env: &Env) -> Vec<String> {
-    std::fs::read_dir(env.scratch())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("nexus-outputs-"))
-        .collect()
+    names_in(env.scratch()).into_iter().filter(|name| name.starts_with("nexus-outputs-")).collect()
 }
 
 #[test]
